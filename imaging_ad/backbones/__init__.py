@@ -16,6 +16,7 @@ from imaging_ad.backbones.registry import (
 
 __all__ = [
     "BUNDLED",
+    "register_bundled_weights",
     "DEFAULT_BACKBONE",
     "BackboneError",
     "BackboneNormalization",

@@ -1,0 +1,332 @@
+"""The detector contract: construct with hyperparameters, ``fit`` on normal images, ``predict``.
+
+Subclasses implement three small hooks on top of a frozen backbone:
+``_fit_stream`` (consume feature batches, set learned state), ``_score`` (feature batch -> image scores
+and anomaly maps at feature resolution) and ``_state`` / ``_set_state`` (tensors to save). Reading,
+preprocessing, batching, devices, calibration, heatmap resizing and persistence live here, once.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from imaging_ad.backbones import DEFAULT_BACKBONE, FeatureExtractor, create_backbone
+from imaging_ad.calibration import Calibration, calibrate
+from imaging_ad.detectors.inputs import ImageInput, PreprocessedImages, collate
+from imaging_ad.preprocess import Preprocessor
+
+# Enough normal pixels for a stable 99th percentile without keeping whole heatmaps.
+_PIXELS_PER_CALIBRATION_IMAGE = 4096
+
+
+@dataclass
+class AnomalyResult:
+    """One image's verdict. ``heatmap`` is float32 at the original image's height and width."""
+
+    score: float
+    normalized_score: float
+    is_anomaly: bool
+    heatmap: np.ndarray
+    path: str | None = None
+
+    def anomaly_mask(self, pixel_threshold: float) -> np.ndarray:
+        return self.heatmap >= pixel_threshold
+
+
+class Detector(ABC):
+    """Base class of every registered detector (see :mod:`imaging_ad.detectors.registry`)."""
+
+    name: ClassVar[str]
+    #: layers of the backbone this detector reads, chosen by stride (output reduction)
+    feature_strides: ClassVar[tuple[int, ...]] = (8, 16)
+
+    def __init__(
+        self,
+        *,
+        backbone: str = DEFAULT_BACKBONE,
+        backbone_weights: str | None = None,
+        pretrained: bool = True,
+        image_size: int = 256,
+        aspect: str = "stretch",
+        clahe: bool = False,
+        intensity: str = "auto",
+        target_fpr: float = 0.01,
+        holdout_fraction: float = 0.1,
+        blur_sigma: float = 4.0,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        device: str = "auto",
+        seed: int = 0,
+        progress: bool = True,
+    ) -> None:
+        self.backbone = backbone
+        self.backbone_weights = backbone_weights
+        self.pretrained = pretrained
+        self.image_size = image_size
+        self.aspect = aspect
+        self.clahe = clahe
+        self.intensity = intensity
+        self.target_fpr = target_fpr
+        self.holdout_fraction = holdout_fraction
+        self.blur_sigma = blur_sigma
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.device = device
+        self.seed = seed
+        self.progress = progress
+        self.extractor_: FeatureExtractor | None = None
+        self.preprocessor_: Preprocessor | None = None
+        self.calibration_: Calibration | None = None
+
+    # -- hooks for subclasses -------------------------------------------------------------------
+
+    @abstractmethod
+    def _fit_stream(self, batches: Iterator[list[torch.Tensor]], n_images: int) -> None:
+        """Consume batches of feature maps of normal images (on ``self.device_``) and set learned state."""
+
+    @abstractmethod
+    def _score(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feature maps -> (image scores ``(B,)``, anomaly maps ``(B, h, w)``) at feature resolution."""
+
+    @abstractmethod
+    def _state(self) -> dict[str, torch.Tensor]:
+        """Learned tensors to save (besides calibration, which the base saves)."""
+
+    @abstractmethod
+    def _set_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what ``_state`` returned."""
+
+    # -- scikit-learn style parameters ----------------------------------------------------------
+
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        names: list[str] = []
+        for klass in cls.__mro__:
+            if "__init__" in vars(klass):
+                for p in inspect.signature(klass.__init__).parameters.values():
+                    if p.kind == p.KEYWORD_ONLY and p.name not in names:
+                        names.append(p.name)
+        return names
+
+    def get_params(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self._param_names()}
+
+    def __repr__(self) -> str:
+        defaults = type(self)().get_params() if not hasattr(self, "_repr_busy") else {}
+        changed = {k: v for k, v in self.get_params().items() if defaults.get(k) != v}
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in changed.items())})"
+
+    # -- fitting --------------------------------------------------------------------------------
+
+    def fit(
+        self, normal_images: Sequence[ImageInput], validation_images: Sequence[ImageInput] | None = None
+    ) -> Detector:
+        """Learn from normal images. Part of them (``holdout_fraction``) is kept aside to set thresholds,
+        unless ``validation_images`` (also normal) are given."""
+        images = list(normal_images)
+        if validation_images is not None:
+            train, held_out = images, list(validation_images)
+        else:
+            train, held_out = self._split_holdout(images)
+        if len(train) < 1:
+            raise ValueError("fit needs at least one normal training image")
+        self._setup()
+        self._fit_stream(self._feature_batches(train, desc=f"{self.name}: fit"), len(train))
+        self.calibration_ = self._calibrate(held_out)
+        return self
+
+    def _split_holdout(self, images: list[ImageInput]) -> tuple[list[ImageInput], list[ImageInput]]:
+        n_holdout = max(2, math.ceil(len(images) * self.holdout_fraction)) if self.holdout_fraction > 0 else 0
+        if len(images) - n_holdout < 1:
+            raise ValueError(
+                f"{len(images)} normal images are too few to keep {n_holdout} aside for thresholds; "
+                "give more images or validation_images"
+            )
+        order = np.random.default_rng(self.seed).permutation(len(images))
+        held = set(order[:n_holdout].tolist())
+        return [im for i, im in enumerate(images) if i not in held], [images[i] for i in sorted(held)]
+
+    def _calibrate(self, held_out: list[ImageInput]) -> Calibration:
+        if len(held_out) < 2:
+            raise ValueError("calibration needs at least two held-out normal images (holdout_fraction > 0)")
+        rng = np.random.default_rng(self.seed)
+        scores, pixels = [], []
+        for batch_scores, maps, _ in self._scored_batches(held_out, desc=f"{self.name}: calibrate"):
+            scores.append(batch_scores)
+            for heatmap in maps:
+                flat = heatmap.ravel()
+                pixels.append(
+                    rng.choice(flat, size=min(flat.size, _PIXELS_PER_CALIBRATION_IMAGE), replace=False)
+                )
+        return calibrate(np.concatenate(scores), np.concatenate(pixels), self.target_fpr)
+
+    # -- predicting -----------------------------------------------------------------------------
+
+    def predict(self, images: Sequence[ImageInput] | ImageInput) -> list[AnomalyResult]:
+        """Score images: one :class:`AnomalyResult` each, heatmaps at each image's original size."""
+        self._check_fitted()
+        if isinstance(images, (str, os.PathLike, np.ndarray)) or hasattr(images, "meta"):
+            images = [images]
+        results: list[AnomalyResult] = []
+        calibration = self.calibration_
+        for scores, heatmaps, paths in self._scored_batches(list(images), desc=f"{self.name}: predict"):
+            normalized = calibration.normalize(scores)
+            for score, norm, heatmap, path in zip(scores, normalized, heatmaps, paths, strict=True):
+                results.append(
+                    AnomalyResult(
+                        score=float(score),
+                        normalized_score=float(norm),
+                        is_anomaly=bool(score > calibration.image_threshold),
+                        heatmap=heatmap,
+                        path=path,
+                    )
+                )
+        return results
+
+    def score_tensor(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Preprocessed batch ``(B, 3, S, S)`` -> (scores, maps at model-input size, blurred). For export."""
+        self._check_fitted()
+        with torch.inference_mode():
+            scores, maps = self._score(self._extract(batch.to(self.device_)))
+            return scores, self._smooth(maps)
+
+    def _scored_batches(
+        self, images: list[ImageInput], desc: str
+    ) -> Iterator[tuple[np.ndarray, list[np.ndarray], list[str | None]]]:
+        loader = self._loader(images)
+        with tqdm(total=len(images), desc=desc, unit="img", disable=not self.progress, leave=False) as bar:
+            for batch in loader:
+                with torch.inference_mode():
+                    scores, maps = self._score(
+                        self._extract(batch.images.to(self.device_, non_blocking=True))
+                    )
+                    maps = self._smooth(maps).float().cpu().numpy()
+                heatmaps = [
+                    self.preprocessor_.heatmap_to_original(m, size)
+                    for m, size in zip(maps, batch.original_sizes, strict=True)
+                ]
+                bar.update(len(heatmaps))
+                yield scores.float().cpu().numpy(), heatmaps, batch.paths
+
+    # -- shared machinery -----------------------------------------------------------------------
+
+    def _setup(self) -> None:
+        torch.manual_seed(self.seed)
+        self.device_ = _resolve_device(self.device)
+        probe = create_backbone(self.backbone, pretrained=self.pretrained, weights=self.backbone_weights)
+        indices = _indices_for_strides(probe.info.reductions, self.feature_strides, self.backbone)
+        self.extractor_ = create_backbone(
+            self.backbone, pretrained=self.pretrained, weights=self.backbone_weights, out_indices=indices
+        ).to(self.device_)
+        self.preprocessor_ = Preprocessor.for_backbone(
+            self.extractor_,
+            image_size=self.image_size,
+            aspect=self.aspect,
+            clahe=self.clahe,
+            intensity=self.intensity,
+        )
+
+    def _loader(self, images: list[ImageInput]) -> DataLoader:
+        dataset = PreprocessedImages(images, self.preprocessor_)
+        workers = min(self.num_workers, max(0, len(images) // self.batch_size))
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            num_workers=workers,
+            collate_fn=collate,
+            pin_memory=self.device_.type == "cuda",
+            persistent_workers=False,
+        )
+
+    def _feature_batches(self, images: list[ImageInput], desc: str) -> Iterator[list[torch.Tensor]]:
+        with tqdm(total=len(images), desc=desc, unit="img", disable=not self.progress, leave=False) as bar:
+            for batch in self._loader(images):
+                with torch.inference_mode():
+                    features = self._extract(batch.images.to(self.device_, non_blocking=True))
+                bar.update(len(batch.paths))
+                yield features
+
+    def _extract(self, images: torch.Tensor) -> list[torch.Tensor]:
+        if self.device_.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.float16):
+                return [f.float() for f in self.extractor_(images)]
+        return self.extractor_(images)
+
+    def _smooth(self, maps: torch.Tensor) -> torch.Tensor:
+        """Feature-resolution maps -> model-input resolution, Gaussian-smoothed as in PatchCore."""
+        size = self.preprocessor_.image_size
+        maps = torch.nn.functional.interpolate(
+            maps[:, None].float(), size=(size, size), mode="bilinear", align_corners=False
+        )
+        if self.blur_sigma > 0:
+            maps = _gaussian_blur(maps, self.blur_sigma)
+        return maps[:, 0]
+
+    def _check_fitted(self) -> None:
+        if self.extractor_ is None or self.calibration_ is None:
+            raise RuntimeError(f"this {type(self).__name__} is not fitted yet: call fit() or load a model")
+
+    # -- persistence (see imaging_ad.detectors.persistence) -----------------------------------------
+
+    def save(self, path: str | os.PathLike) -> Path:
+        from imaging_ad.detectors.persistence import save_detector
+
+        self._check_fitted()
+        return save_detector(self, Path(path))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str = "auto") -> Detector:
+        from imaging_ad.detectors.persistence import load_detector
+
+        detector = load_detector(Path(path), device=device)
+        if not isinstance(detector, cls):
+            raise TypeError(f"{path} holds a {type(detector).__name__}, not a {cls.__name__}")
+        return detector
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            "device='cuda' was asked for but CUDA is not available; use device='cpu' or 'auto'"
+        )
+    return resolved
+
+
+def _indices_for_strides(reductions: list[int], strides: Iterable[int], backbone: str) -> tuple[int, ...]:
+    indices = []
+    for stride in strides:
+        if stride not in reductions:
+            raise ValueError(f"backbone {backbone} has no feature map at stride {stride} (has {reductions})")
+        indices.append(reductions.index(stride))
+    return tuple(indices)
+
+
+def _gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    radius = max(1, int(round(4 * sigma)))
+    coords = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
+    kernel = torch.exp(-(coords**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    padded = torch.nn.functional.pad(maps, (radius, radius, radius, radius), mode="reflect")
+    out = torch.nn.functional.conv2d(padded, kernel.view(1, 1, 1, -1))
+    return torch.nn.functional.conv2d(out, kernel.view(1, 1, -1, 1))
+
+
+def gaussian_blur_numpy(heatmap: np.ndarray, sigma: float) -> np.ndarray:
+    """The same blur for a single heatmap (used by tests and export parity checks)."""
+    return cv2.GaussianBlur(heatmap, (0, 0), sigmaX=sigma, borderType=cv2.BORDER_REFLECT_101)

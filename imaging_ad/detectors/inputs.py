@@ -1,0 +1,64 @@
+"""What a detector accepts as images, turned into preprocessed batches (optionally in worker processes)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from imaging_ad.io import ImageRecord, read_image
+from imaging_ad.preprocess import Preprocessor
+
+#: a path, a decoded record, an array (HxW or HxWxC), or anything with a ``.path`` (a dataset Sample)
+ImageInput = str | os.PathLike | ImageRecord | np.ndarray | Any
+
+
+def to_record(item: ImageInput) -> ImageRecord | np.ndarray:
+    if isinstance(item, (ImageRecord, np.ndarray)):
+        return item
+    if isinstance(item, (str, os.PathLike)):
+        return read_image(item)
+    if hasattr(item, "path"):
+        return read_image(item.path)
+    raise TypeError(f"cannot read an image from {type(item).__name__}; give a path, ImageRecord or array")
+
+
+def item_path(item: ImageInput) -> str | None:
+    if isinstance(item, (str, os.PathLike)):
+        return str(item)
+    if isinstance(item, ImageRecord):
+        return item.meta.path
+    return str(item.path) if hasattr(item, "path") else None
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor
+    original_sizes: list[tuple[int, int]]
+    paths: list[str | None]
+
+
+class PreprocessedImages(Dataset):
+    """Reads and preprocesses lazily, so only one batch of pixels is in memory at a time."""
+
+    def __init__(self, items: list[ImageInput], preprocessor: Preprocessor) -> None:
+        self.items = items
+        self.preprocessor = preprocessor
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, tuple[int, int], str | None]:
+        item = self.items[index]
+        record = to_record(item)
+        size = record.meta.size if isinstance(record, ImageRecord) else tuple(record.shape[:2])
+        return self.preprocessor(record), size, item_path(item)
+
+
+def collate(samples: list[tuple[torch.Tensor, tuple[int, int], str | None]]) -> Batch:
+    images, sizes, paths = zip(*samples, strict=True)
+    return Batch(torch.stack(images), list(sizes), list(paths))

@@ -1,0 +1,148 @@
+"""Save and load fitted detectors: one ``.safetensors`` file, its JSON description in the header.
+
+No pickle: tensors go through safetensors, everything else is JSON. A SHA-256 over the description
+and every tensor's bytes detects truncation and tampering; a format version guards compatibility.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+import imaging_ad
+from imaging_ad.calibration import Calibration
+from imaging_ad.detectors.base import Detector, _resolve_device
+from imaging_ad.preprocess import Preprocessor
+
+FORMAT = "imaging_ad.detector"
+FORMAT_VERSION = 1
+_METADATA_KEY = "imaging_ad"
+_STATE_PREFIX = "state."
+
+
+class ModelFileError(ValueError):
+    """A model file that cannot be trusted or used: truncated, tampered, or of another version."""
+
+
+def save_detector(detector: Detector, path: Path) -> Path:
+    if path.suffix != ".safetensors":
+        path = path.with_name(path.name + ".safetensors")
+    tensors = {_STATE_PREFIX + k: v.detach().cpu().contiguous() for k, v in detector._state().items()}
+    extractor = detector.extractor_
+    description = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "detector": detector.name,
+        "params": detector.get_params(),
+        "backbone": {
+            "name": extractor.name,
+            "weight_source": extractor.weight_source.to_dict(),
+            "normalization": extractor.normalization.to_dict(),
+            "channels": extractor.info.channels,
+            "reductions": extractor.info.reductions,
+        },
+        "preprocessing": detector.preprocessor_.to_dict(),
+        "calibration": detector.calibration_.to_dict(),
+        "versions": {
+            "imaging_ad": imaging_ad.__version__,
+            "torch": torch.__version__,
+            "timm": timm.__version__,
+            "python": platform.python_version(),
+        },
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    description["sha256"] = _digest(description, tensors)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    save_file(tensors, str(tmp), metadata={_METADATA_KEY: json.dumps(description)})
+    tmp.replace(path)  # never leave a half-written model under the real name
+    return path
+
+
+def read_description(path: Path) -> dict:
+    """The JSON description of a model file, without loading (or verifying) its tensors."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except FileNotFoundError as exc:
+        raise ModelFileError(f"{path}: model file does not exist") from exc
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelFileError(f"{path}: not a readable model file (truncated or corrupt?): {exc}") from exc
+    if _METADATA_KEY not in metadata:
+        raise ModelFileError(f"{path}: a safetensors file, but not an imaging_ad model")
+    try:
+        description = json.loads(metadata[_METADATA_KEY])
+    except json.JSONDecodeError as exc:
+        raise ModelFileError(f"{path}: model description is not valid JSON (tampered?)") from exc
+    if description.get("format") != FORMAT:
+        raise ModelFileError(f"{path}: unknown model format {description.get('format')!r}")
+    version = description.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ModelFileError(
+            f"{path}: model format version {version} is not supported by imaging_ad {imaging_ad.__version__} "
+            f"(supports {FORMAT_VERSION}); refit the model or use the imaging_ad version that wrote it "
+            f"({description.get('versions', {}).get('imaging_ad', 'unknown')})"
+        )
+    return description
+
+
+def load_detector(path: Path, device: str = "auto") -> Detector:
+    from imaging_ad.detectors.registry import DETECTORS
+
+    path = Path(path)
+    description = read_description(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ModelFileError(f"{path}: tensor data cannot be read (truncated or corrupt?): {exc}") from exc
+    expected = description.pop("sha256", None)
+    if expected is None or _digest(description, tensors) != expected:
+        raise ModelFileError(
+            f"{path}: checksum mismatch: the file was modified or damaged after it was saved"
+        )
+
+    name = description["detector"]
+    if name not in DETECTORS:
+        raise ModelFileError(f"{path}: detector {name!r} is not available (registered: {sorted(DETECTORS)})")
+    params = dict(description["params"])
+    params["device"] = device
+    detector = DETECTORS[name](**params)
+    _restore_backbone(detector, description, path)
+    detector.preprocessor_ = Preprocessor.from_dict(description["preprocessing"])
+    detector.calibration_ = Calibration.from_dict(description["calibration"])
+    state = {k[len(_STATE_PREFIX) :]: v for k, v in tensors.items() if k.startswith(_STATE_PREFIX)}
+    detector._set_state(state)
+    return detector
+
+
+def _restore_backbone(detector: Detector, description: dict, path: Path) -> None:
+    saved = description["backbone"]["weight_source"]
+    detector._setup()
+    source = detector.extractor_.weight_source
+    if saved["kind"] != source.kind or (saved.get("sha256") and saved["sha256"] != source.sha256):
+        raise ModelFileError(
+            f"{path}: the model was fitted on backbone weights {saved}, but the weights found now are "
+            f"{source.to_dict()}; scores would not be comparable"
+        )
+    detector.device_ = _resolve_device(detector.device)
+
+
+def _digest(description: dict, tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256(json.dumps(description, sort_keys=True).encode())
+    for key in sorted(tensors):
+        tensor = tensors[key].contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(
+            np.ascontiguousarray(tensor.view(torch.uint8).numpy() if tensor.numel() else b"").tobytes()
+        )
+    return digest.hexdigest()

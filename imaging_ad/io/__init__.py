@@ -1,0 +1,30 @@
+"""Image input: files, DICOM and folders become pixels at full bit depth plus metadata."""
+
+from imaging_ad.io.errors import (
+    EmptyImageFileError,
+    ImageNotFoundError,
+    ImageReadError,
+    ImageTooLargeError,
+    MultiFrameImageError,
+    NotAnImageError,
+    TruncatedImageError,
+    UnsupportedCompressionError,
+)
+from imaging_ad.io.reader import DEFAULT_MAX_PIXELS, is_supported_path, read_image
+from imaging_ad.io.record import ImageMeta, ImageRecord
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "EmptyImageFileError",
+    "ImageMeta",
+    "ImageNotFoundError",
+    "ImageReadError",
+    "ImageRecord",
+    "ImageTooLargeError",
+    "MultiFrameImageError",
+    "NotAnImageError",
+    "TruncatedImageError",
+    "UnsupportedCompressionError",
+    "is_supported_path",
+    "read_image",
+]

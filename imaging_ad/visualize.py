@@ -1,0 +1,171 @@
+"""Display helpers: colour-mapped heatmaps, overlays on the input image, mask contours, PNG output.
+
+Pure OpenCV + NumPy (no matplotlib) so that the web demo and batch export stay light. Every function
+returns a new uint8 RGB array and never modifies its inputs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+from numpy.typing import ArrayLike
+
+from imaging_ad.metrics.pixel import binarize_mask
+
+# Display window for images that are not already 8-bit: a 0.5-99.5 % percentile stretch keeps a few
+# hot/dead pixels (or a large black border) from flattening the contrast of 12/16-bit radiographs.
+DISPLAY_PERCENTILES = (0.5, 99.5)
+
+
+def to_display_rgb(image: ArrayLike) -> np.ndarray:
+    """Any HxW / HxWx1 / HxWx3 / HxWx4 image as uint8 HxWx3 RGB for display.
+
+    uint8 is kept as is; bool becomes 0/255; floats within [0, 1] are scaled by 255 (the usual float
+    image convention); anything else (uint16, int, other floats) is windowed to the
+    :data:`DISPLAY_PERCENTILES` of its finite values. Colour inputs are assumed RGB(A); alpha is dropped.
+    """
+    img = np.asarray(image)
+    if img.ndim == 3 and img.shape[-1] == 1:
+        img = img[..., 0]
+    if img.ndim == 3 and img.shape[-1] == 4:
+        img = img[..., :3]
+    if not (img.ndim == 2 or (img.ndim == 3 and img.shape[-1] == 3)):
+        raise ValueError(f"image must be HxW, HxWx1, HxWx3 or HxWx4, got shape {img.shape}")
+    if img.dtype == np.uint8:
+        img8 = img.copy()
+    elif img.dtype == bool:
+        img8 = img.astype(np.uint8) * 255
+    else:
+        values = img.astype(np.float64)
+        finite = values[np.isfinite(values)]
+        if np.issubdtype(img.dtype, np.floating) and finite.size and finite.min() >= 0 and finite.max() <= 1:
+            lo, hi = 0.0, 1.0
+        elif finite.size:
+            lo, hi = (float(p) for p in np.percentile(finite, DISPLAY_PERCENTILES))
+        else:
+            lo, hi = 0.0, 1.0
+        img8 = _scale_to_uint8(values, lo, hi)
+    if img8.ndim == 2:
+        img8 = cv2.cvtColor(img8, cv2.COLOR_GRAY2RGB)
+    return np.ascontiguousarray(img8)
+
+
+def heatmap_to_color(
+    heatmap: ArrayLike,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    colormap: int = cv2.COLORMAP_JET,
+) -> np.ndarray:
+    """Colour-map a 2-D float heatmap to uint8 HxWx3 **RGB**.
+
+    ``vmin``/``vmax`` default to the heatmap's own finite min/max; pass fixed values (e.g. the image
+    threshold and a high validation score) to make colours comparable across images. Values outside
+    the window are clipped; NaNs get the ``vmin`` colour; a flat window maps everything to it.
+    """
+    h = _as_heatmap(heatmap)
+    finite = h[np.isfinite(h)]
+    lo = float(vmin) if vmin is not None else (float(finite.min()) if finite.size else 0.0)
+    hi = float(vmax) if vmax is not None else (float(finite.max()) if finite.size else lo)
+    gray = _scale_to_uint8(h, lo, hi)
+    # OpenCV colour maps produce BGR; everything in this package is RGB.
+    return cv2.cvtColor(cv2.applyColorMap(gray, colormap), cv2.COLOR_BGR2RGB)
+
+
+def overlay(
+    image: ArrayLike,
+    heatmap: ArrayLike,
+    alpha: float = 0.5,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    colormap: int = cv2.COLORMAP_JET,
+) -> np.ndarray:
+    """Blend the colour-mapped ``heatmap`` over ``image``; returns uint8 HxWx3 RGB at the image's size.
+
+    ``image`` may be HxW or HxWx3 of any dtype (see :func:`to_display_rgb`). A heatmap of another size
+    (e.g. at feature-map resolution) is resized bilinearly to the image. ``alpha`` is the heatmap's
+    weight in ``[0, 1]``.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    base = to_display_rgb(image)
+    h = _as_heatmap(heatmap)
+    height, width = base.shape[:2]
+    if h.shape != (height, width):
+        h = cv2.resize(h.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
+    color = heatmap_to_color(h, vmin=vmin, vmax=vmax, colormap=colormap)
+    return cv2.addWeighted(base, 1.0 - alpha, color, alpha, 0.0)
+
+
+def contour_mask(
+    image_rgb: ArrayLike,
+    mask: ArrayLike,
+    color: tuple[int, int, int] = (0, 255, 0),
+    thickness: int = 1,
+) -> np.ndarray:
+    """Draw the outlines of ``mask`` (nonzero = inside) on a copy of the image, in RGB ``color``.
+
+    For ground-truth regions or thresholded anomaly maps: outlines keep the pixels underneath visible,
+    unlike a filled overlay. Hole boundaries are drawn too. A mask of another size is resized with
+    nearest-neighbour interpolation (so it stays binary).
+    """
+    out = to_display_rgb(image_rgb)
+    m = binarize_mask(mask)
+    if m.ndim == 3 and m.shape[-1] == 1:
+        m = m[..., 0]
+    if m.ndim != 2:
+        raise ValueError(f"mask must be 2-D, got shape {m.shape}")
+    m8 = m.astype(np.uint8)
+    height, width = out.shape[:2]
+    if m8.shape != (height, width):
+        m8 = cv2.resize(m8, (width, height), interpolation=cv2.INTER_NEAREST)
+    contours, _ = cv2.findContours(m8, cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
+    cv2.drawContours(out, contours, -1, tuple(int(c) for c in color), thickness)
+    return out
+
+
+def save_png(path: str | os.PathLike, rgb: ArrayLike) -> Path:
+    """Write an RGB (or grayscale) uint8/uint16 image as PNG, creating parent folders; returns the path.
+
+    Encodes in memory and writes the bytes with Python, because ``cv2.imwrite`` fails silently (returns
+    False) and cannot handle non-ASCII paths on Windows.
+    """
+    path = Path(path)
+    img = np.asarray(rgb)
+    if img.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"save_png expects uint8 or uint16 pixels, got {img.dtype}; see to_display_rgb")
+    if img.ndim == 3 and img.shape[-1] == 3:
+        img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
+    elif img.ndim == 3 and img.shape[-1] == 4:
+        img = cv2.cvtColor(img, cv2.COLOR_RGBA2BGRA)
+    elif img.ndim != 2:
+        raise ValueError(f"save_png expects HxW, HxWx3 or HxWx4, got shape {img.shape}")
+    ok, encoded = cv2.imencode(".png", img)
+    if not ok:
+        raise OSError(f"PNG encoding failed for {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(encoded.tobytes())
+    return path
+
+
+def _as_heatmap(heatmap: ArrayLike) -> np.ndarray:
+    h = np.asarray(heatmap, dtype=np.float64)
+    # Tolerate a singleton channel axis (1xHxW from torch, HxWx1 from cv2).
+    if h.ndim == 3 and h.shape[0] == 1:
+        h = h[0]
+    elif h.ndim == 3 and h.shape[-1] == 1:
+        h = h[..., 0]
+    if h.ndim != 2:
+        raise ValueError(f"heatmap must be 2-D (HxW), got shape {h.shape}")
+    return h
+
+
+def _scale_to_uint8(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Linear map [lo, hi] -> [0, 255] with clipping; NaN -> 0; a flat window -> 0."""
+    if not hi > lo:
+        return np.zeros(values.shape, np.uint8)
+    scaled = (values - lo) * (255.0 / (hi - lo))
+    scaled = np.nan_to_num(scaled, nan=0.0, posinf=255.0, neginf=0.0)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
