@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -232,10 +234,12 @@ def _load_from_hub(name: str) -> tuple[nn.Module, WeightSource]:
         f"Backbones available offline: {', '.join(list_backbones(offline_only=True)) or 'none installed'}. "
         "Or pass weights=PATH to a local .safetensors/.pth file, or pretrained=False for random weights."
     )
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if offline:
         offline_hint = "HF_HUB_OFFLINE is set and the weights are not in the local cache. " + offline_hint
     try:
-        model = timm.create_model(name, pretrained=True)
+        with _hub_offline(offline):
+            model = timm.create_model(name, pretrained=True)
     except Exception as exc:
         raise BackboneWeightsUnavailableError(
             f"could not obtain pretrained weights for {name!r} ({type(exc).__name__}: {exc}). {offline_hint}"
@@ -244,6 +248,22 @@ def _load_from_hub(name: str) -> tuple[nn.Module, WeightSource]:
         model, "pretrained_cfg", {}
     ).get("url")
     return model.eval(), WeightSource("hub", str(hub_id or name))
+
+
+@contextmanager
+def _hub_offline(offline: bool) -> Iterator[None]:
+    """huggingface_hub reads HF_HUB_OFFLINE once at import; honour a value set later (cache only)."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - timm depends on huggingface_hub
+        yield
+        return
+    previous = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = previous or offline
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = previous
 
 
 def _check_name(name: str) -> None:

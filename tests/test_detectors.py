@@ -1,0 +1,129 @@
+"""The contract every registered detector must honour, checked on synthetic textures with pasted defects."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+
+from imaging_ad.detectors import DETECTORS, ModelFileError, create_detector, load_detector
+from tests.synthetic import paste_defect, texture
+
+FAST = {"image_size": 96, "batch_size": 8, "progress": False, "holdout_fraction": 0.2}
+
+
+@pytest.fixture(scope="module")
+def textures():
+    rng = np.random.default_rng(0)
+    normals = [texture(rng) for _ in range(30)]
+    clean = [texture(rng, 90, 120) for _ in range(6)]
+    defects = [paste_defect(texture(rng, 90, 120), rng) for _ in range(6)]
+    return normals, clean, defects
+
+
+@pytest.fixture(scope="module", params=sorted(DETECTORS))
+def fitted(request, textures):
+    normals, _, _ = textures
+    return create_detector(request.param, **FAST).fit(normals)
+
+
+def test_defects_outrank_clean_images(fitted, textures):
+    _, clean, defects = textures
+    clean_scores = [r.score for r in fitted.predict(clean)]
+    defect_scores = [r.score for r in fitted.predict([image for image, _ in defects])]
+    assert min(defect_scores) > max(clean_scores), (fitted.name, clean_scores, defect_scores)
+
+
+def test_heatmap_at_original_size_and_peaks_in_defect(fitted, textures):
+    _, _, defects = textures
+    results = fitted.predict([image for image, _ in defects])
+    hits = 0
+    for (image, mask), result in zip(defects, results, strict=True):
+        assert result.heatmap.shape == image.shape[:2]
+        assert result.heatmap.dtype == np.float32
+        peak = np.unravel_index(np.argmax(result.heatmap), result.heatmap.shape)
+        # the defect's neighbourhood: a few pixels of slack for feature-grid resolution
+        ys, xs = np.nonzero(mask)
+        hits += ys.min() - 6 <= peak[0] <= ys.max() + 6 and xs.min() - 6 <= peak[1] <= xs.max() + 6
+    assert hits == len(defects), (
+        f"{fitted.name}: heatmap peaked on the defect in {hits}/{len(defects)} images"
+    )
+
+
+def test_result_fields_and_calibration(fitted, textures):
+    _, clean, defects = textures
+    results = fitted.predict(clean + [image for image, _ in defects])
+    calibration = fitted.calibration_
+    for r in results:
+        assert 0.0 <= r.normalized_score <= 1.0
+        assert r.is_anomaly == (r.score > calibration.image_threshold)
+        assert (r.normalized_score > 0.5) == r.is_anomaly
+    assert np.isclose(calibration.normalize(calibration.image_threshold), 0.5)
+    assert all(r.is_anomaly for r in results[len(clean) :]), "obvious pasted defects must be flagged"
+
+
+def test_save_load_predict_identical(fitted, textures, tmp_path):
+    _, clean, defects = textures
+    images = clean[:2] + [defects[0][0]]
+    path = fitted.save(tmp_path / "model")
+    assert path.suffix == ".safetensors"
+    loaded = load_detector(path, device="cpu")
+    assert type(loaded) is type(fitted) and loaded.get_params() == {**fitted.get_params(), "device": "cpu"}
+    before, after = fitted.predict(images), loaded.predict(images)
+    for a, b in zip(before, after, strict=True):
+        assert a.score == b.score
+        np.testing.assert_array_equal(a.heatmap, b.heatmap)
+
+
+def test_tampered_truncated_and_foreign_files_are_refused(fitted, tmp_path):
+    path = fitted.save(tmp_path / "model.safetensors")
+    data = path.read_bytes()
+
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelFileError, match="truncated"):
+        load_detector(truncated)
+
+    tampered = tmp_path / "tampered.safetensors"
+    body = bytearray(data)
+    body[-5] ^= 0xFF  # one byte of tensor data
+    tampered.write_bytes(bytes(body))
+    with pytest.raises(ModelFileError, match="checksum"):
+        load_detector(tampered)
+
+    future = tmp_path / "future.safetensors"
+    future.write_bytes(_rewrite_description(data, lambda d: {**d, "format_version": 99}))
+    with pytest.raises(ModelFileError, match="version 99"):
+        load_detector(future)
+
+    edited = tmp_path / "edited.safetensors"
+    edited.write_bytes(
+        _rewrite_description(
+            data, lambda d: {**d, "calibration": {**d["calibration"], "image_threshold": 0.0}}
+        )
+    )
+    with pytest.raises(ModelFileError, match="checksum"):
+        load_detector(edited)
+
+
+def test_unfitted_detector_says_so():
+    with pytest.raises(RuntimeError, match="not fitted"):
+        create_detector("patchcore").predict([np.zeros((32, 32), np.uint8)])
+
+
+def test_unknown_detector_lists_registered():
+    with pytest.raises(ValueError, match="patchcore"):
+        create_detector("nope")
+
+
+def _rewrite_description(data: bytes, edit) -> bytes:
+    """Rewrite the JSON description inside a safetensors header, keeping the tensors."""
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    description = json.loads(header["__metadata__"]["imaging_ad"])
+    header["__metadata__"]["imaging_ad"] = json.dumps(edit(description))
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    return struct.pack("<Q", len(encoded)) + encoded + data[8 + length :]
