@@ -18,7 +18,9 @@ import torch
 from imaging_ad.io.record import ImageRecord
 
 ASPECT_MODES = ("stretch", "letterbox")
-INTENSITY_MODES = ("auto", "percentile", "full_range")
+INTENSITY_MODES = ("auto", "robust", "percentile", "full_range")
+# median +- this many robust standard deviations (IQR / 1.349) spans [0, 1] in "robust" mode
+_ROBUST_SPAN = 3.0
 _INTERPOLATION = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC, "nearest": cv2.INTER_NEAREST}
 
 
@@ -37,8 +39,10 @@ class Preprocessor:
     ``aspect``: ``"stretch"`` resizes to a square (keeps every pixel, distorts shape);
     ``"letterbox"`` keeps the aspect ratio and pads with black.
     ``intensity``: ``"auto"`` divides 8-bit data by 255 and uses the file's display range (DICOM
-    window) when known, else a percentile stretch; ``"percentile"`` always stretches between the
-    ``percentiles``; ``"full_range"`` divides by the dtype's range.
+    window) when known, else a percentile stretch; ``"robust"`` maps median -/+ 3 robust standard
+    deviations to [0, 1] per image (evens out exposure between images, insensitive to small
+    defects); ``"percentile"`` stretches between the ``percentiles``; ``"full_range"`` divides by
+    the dtype's range.
     """
 
     image_size: int = 256
@@ -86,6 +90,12 @@ class Preprocessor:
     def _intensity_range(self, pixels: np.ndarray, meta) -> tuple[float, float]:
         if self.intensity == "percentile":
             return tuple(np.percentile(pixels, self.percentiles))
+        if self.intensity == "robust":
+            # Median and IQR barely move when a defect covers a few percent of the image, unlike
+            # extreme percentiles: a dark blob must not re-expose the whole image.
+            q25, median, q75 = np.percentile(pixels, (25, 50, 75))
+            spread = max((q75 - q25) / 1.349, 1e-6)
+            return median - _ROBUST_SPAN * spread, median + _ROBUST_SPAN * spread
         if meta is not None and meta.voi_applied and meta.value_range is not None:
             return meta.value_range  # the file's own window: what a radiologist would see
         if self.intensity == "full_range" or pixels.dtype == np.uint8:

@@ -11,7 +11,7 @@ import pytest
 from imaging_ad.detectors import DETECTORS, ModelFileError, create_detector, load_detector
 from tests.synthetic import paste_defect, texture
 
-FAST = {"image_size": 96, "batch_size": 8, "progress": False, "holdout_fraction": 0.2}
+FAST = {"image_size": 128, "batch_size": 8, "progress": False, "holdout_fraction": 0.2}
 
 
 @pytest.fixture(scope="module")

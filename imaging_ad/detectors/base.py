@@ -62,7 +62,7 @@ class Detector(ABC):
         image_size: int = 256,
         aspect: str = "stretch",
         clahe: bool = False,
-        intensity: str = "auto",
+        intensity: str = "robust",
         target_fpr: float = 0.01,
         holdout_fraction: float = 0.1,
         blur_sigma: float = 4.0,

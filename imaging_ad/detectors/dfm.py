@@ -22,6 +22,8 @@ from imaging_ad.detectors.registry import register_detector
 
 @register_detector("dfm")
 class PooledGaussian(Detector):
+    # magnetic_tile, image AUROC of the pooled Gaussian: strides 16+32 with std pooling 0.974,
+    # adding stride 8 0.975 (but a noisier heatmap), stride 32 alone 0.962.
     feature_strides = (16, 32)
 
     def __init__(self, *, pool_std: bool = True, patch_regularization: float = 0.01, **kwargs) -> None:
