@@ -174,29 +174,31 @@ def _predict(args: argparse.Namespace) -> int:
     if not paths:
         raise ValueError("no image files found in the given inputs")
     rows = []
-    readable = []
-    for path in paths:  # bad files get a row with the error instead of stopping the run
-        try:
-            readable.append((path, read_image(path)))
-        except ImageReadError as exc:
-            rows.append({"path": str(path), "error": str(exc)})
-    results = detector.predict([record for _, record in readable]) if readable else []
-    for (path, record), result in zip(readable, results, strict=True):
-        row = {
-            "path": str(path),
-            "score": result.score,
-            "normalized_score": result.normalized_score,
-            "is_anomaly": result.is_anomaly,
-            "threshold": detector.calibration_.image_threshold,
-            "height": record.meta.height,
-            "width": record.meta.width,
-        }
-        if args.heatmaps:
-            out = Path(args.heatmaps) / f"{path.stem}_heatmap.png"
-            row["heatmap"] = str(save_png(out, overlay(record.pixels, result.heatmap)))
-        rows.append(row)
-        flag = "ANOMALY" if result.is_anomaly else "normal "
-        print(f"{flag}  {result.normalized_score:.3f}  {result.score:10.4f}  {path}")
+    chunk = max(detector.batch_size * 4, 1)  # bounded memory however many files are given
+    for offset in range(0, len(paths), chunk):
+        readable = []
+        for path in paths[offset : offset + chunk]:  # a bad file gets a row with its error, the run goes on
+            try:
+                readable.append((path, read_image(path)))
+            except ImageReadError as exc:
+                rows.append({"path": str(path), "error": str(exc)})
+        results = detector.predict([record for _, record in readable]) if readable else []
+        for (path, record), result in zip(readable, results, strict=True):
+            row = {
+                "path": str(path),
+                "score": result.score,
+                "normalized_score": result.normalized_score,
+                "is_anomaly": result.is_anomaly,
+                "threshold": detector.calibration_.image_threshold,
+                "height": record.meta.height,
+                "width": record.meta.width,
+            }
+            if args.heatmaps:
+                out = Path(args.heatmaps) / f"{len(rows):05d}_{path.stem}_heatmap.png"  # stems can repeat
+                row["heatmap"] = str(save_png(out, overlay(record.pixels, result.heatmap)))
+            rows.append(row)
+            flag = "ANOMALY" if result.is_anomaly else "normal "
+            print(f"{flag}  {result.normalized_score:.3f}  {result.score:10.4f}  {path}")
     for row in rows:
         if "error" in row:
             print(f"ERROR    {row['error']}", file=sys.stderr)

@@ -112,21 +112,22 @@ class Detector(ABC):
     # -- scikit-learn style parameters ----------------------------------------------------------
 
     @classmethod
-    def _param_names(cls) -> list[str]:
-        names: list[str] = []
+    def _param_defaults(cls) -> dict[str, Any]:
+        """Keyword-only constructor parameters of this class and its bases, with their defaults."""
+        defaults: dict[str, Any] = {}
         for klass in cls.__mro__:
             if "__init__" in vars(klass):
                 for p in inspect.signature(klass.__init__).parameters.values():
-                    if p.kind == p.KEYWORD_ONLY and p.name not in names:
-                        names.append(p.name)
-        return names
+                    if p.kind == p.KEYWORD_ONLY:
+                        defaults.setdefault(p.name, p.default)
+        return defaults
 
     def get_params(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self._param_names()}
+        return {name: getattr(self, name) for name in self._param_defaults()}
 
     def __repr__(self) -> str:
-        defaults = type(self)().get_params() if not hasattr(self, "_repr_busy") else {}
-        changed = {k: v for k, v in self.get_params().items() if defaults.get(k) != v}
+        defaults = self._param_defaults()
+        changed = {k: v for k, v in self.get_params().items() if defaults[k] != v}
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in changed.items())})"
 
     # -- fitting --------------------------------------------------------------------------------
