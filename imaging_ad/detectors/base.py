@@ -197,12 +197,12 @@ class Detector(ABC):
                 )
         return results
 
-    def score_tensor(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Preprocessed batch ``(B, 3, S, S)`` -> (scores, maps at model-input size, blurred). For export."""
+    def score_tensor(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Preprocessed batch ``(B, 3, S, S)`` -> (scores, maps at model-input size, blurred)."""
         self._check_fitted()
         with torch.inference_mode():
             scores, maps = self._score(self._extract(batch.to(self.device_)))
-            return scores, self._smooth(maps)
+            return scores.float().cpu().numpy(), self._smooth(maps)
 
     def _scored_batches(
         self, images: list[ImageInput], desc: str
@@ -214,7 +214,7 @@ class Detector(ABC):
                     scores, maps = self._score(
                         self._extract(batch.images.to(self.device_, non_blocking=True))
                     )
-                    maps = self._smooth(maps).float().cpu().numpy()
+                    maps = self._smooth(maps)
                 heatmaps = [
                     self.preprocessor_.heatmap_to_original(m, size)
                     for m, size in zip(maps, batch.original_sizes, strict=True)
@@ -266,15 +266,21 @@ class Detector(ABC):
                 return [f.float() for f in self.extractor_(images)]
         return self.extractor_(images)
 
-    def _smooth(self, maps: torch.Tensor) -> torch.Tensor:
-        """Feature-resolution maps -> model-input resolution, Gaussian-smoothed as in PatchCore."""
+    def _smooth(self, maps: torch.Tensor) -> np.ndarray:
+        """Feature-resolution maps -> model-input resolution, Gaussian-smoothed as in PatchCore.
+
+        On the CPU OpenCV's separable blur is ~10x faster than a 1-channel torch convolution."""
         size = self.preprocessor_.image_size
-        maps = torch.nn.functional.interpolate(
-            maps[:, None].float(), size=(size, size), mode="bilinear", align_corners=False
+        maps = (
+            torch.nn.functional.interpolate(
+                maps[:, None].float(), size=(size, size), mode="bilinear", align_corners=False
+            )[:, 0]
+            .cpu()
+            .numpy()
         )
         if self.blur_sigma > 0:
-            maps = _gaussian_blur(maps, self.blur_sigma)
-        return maps[:, 0]
+            maps = np.stack([gaussian_blur_numpy(m, self.blur_sigma) for m in maps])
+        return maps
 
     def _check_fitted(self) -> None:
         if self.extractor_ is None or self.calibration_ is None:
@@ -318,16 +324,6 @@ def _indices_for_strides(reductions: list[int], strides: Iterable[int], backbone
     return tuple(indices)
 
 
-def _gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    radius = max(1, int(round(4 * sigma)))
-    coords = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
-    kernel = torch.exp(-(coords**2) / (2 * sigma**2))
-    kernel = kernel / kernel.sum()
-    padded = torch.nn.functional.pad(maps, (radius, radius, radius, radius), mode="reflect")
-    out = torch.nn.functional.conv2d(padded, kernel.view(1, 1, 1, -1))
-    return torch.nn.functional.conv2d(out, kernel.view(1, 1, -1, 1))
-
-
 def gaussian_blur_numpy(heatmap: np.ndarray, sigma: float) -> np.ndarray:
-    """The same blur for a single heatmap (used by tests and export parity checks)."""
+    """Gaussian blur of one heatmap (kernel radius 4 sigma, reflected borders)."""
     return cv2.GaussianBlur(heatmap, (0, 0), sigmaX=sigma, borderType=cv2.BORDER_REFLECT_101)

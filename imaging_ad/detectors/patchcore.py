@@ -38,7 +38,7 @@ class PatchCore(Detector):
         reweight_neighbours: int = 9,
         chunk_images: int = 16,
         search: str = "auto",
-        hnsw_ef_search: int = 24,
+        hnsw_ef_search: int = 16,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
