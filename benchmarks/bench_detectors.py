@@ -162,7 +162,8 @@ def main() -> int:
 
     header = (
         "| dataset | detector | train/test | image AUROC | pixel AUROC | AUPRO | F1-max | fit s | "
-        "predict img/s | backbone-only img/s | ratio | peak RSS MB |\n" + "|---" * 12 + "|"
+        "feature extraction s | fit/extraction | predict img/s | backbone-only img/s | predict/backbone | "
+        "peak RSS MB |\n" + "|---" * 14 + "|"
     )
     lines = [header]
     for r in rows:

@@ -121,8 +121,32 @@ class PatchCore(Detector):
         distances, indices = self._nearest(queries)
         patch_scores = distances.view(b, h * w)
         nearest = indices.view(b, h * w)
+        if isinstance(self._index, faiss.IndexHNSWFlat):
+            self._make_maximum_exact(queries.view(b, h * w, d), patch_scores, nearest)
         scores = self._reweighted_image_scores(queries.view(b, h * w, d), patch_scores, nearest)
         return scores, patch_scores.view(b, h, w)
+
+    def _make_maximum_exact(
+        self, queries: torch.Tensor, patch_scores: torch.Tensor, nearest: torch.Tensor
+    ) -> None:
+        """Graph search can only overestimate a distance, and the image score is a maximum, so a rare miss
+        would inflate it. Recompute the top patches exactly until the maximum is an exact distance."""
+        exact = torch.zeros_like(patch_scores, dtype=torch.bool)
+        rows = torch.arange(patch_scores.shape[0], device=patch_scores.device)[:, None]
+        bank = self.memory_bank_
+        bank_norms = (bank * bank).sum(1)
+        for _ in range(4):
+            if exact[rows[:, 0], patch_scores.argmax(dim=1)].all():
+                return
+            candidates = (
+                patch_scores.masked_fill(exact, -1.0).topk(min(8, patch_scores.shape[1]), dim=1).indices
+            )
+            q = queries[rows, candidates]  # (B, k, D)
+            squared = (q * q).sum(-1, keepdim=True) - 2 * q @ bank.T + bank_norms
+            best, where = squared.min(dim=-1)
+            patch_scores[rows, candidates] = best.clamp_min(0).sqrt()
+            nearest[rows, candidates] = where
+            exact[rows, candidates] = True
 
     def _reweighted_image_scores(
         self, queries: torch.Tensor, patch_scores: torch.Tensor, nearest: torch.Tensor
