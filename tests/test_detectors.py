@@ -127,3 +127,13 @@ def _rewrite_description(data: bytes, edit) -> bytes:
     encoded = json.dumps(header).encode()
     encoded += b" " * (-len(encoded) % 8)
     return struct.pack("<Q", len(encoded)) + encoded + data[8 + length :]
+
+
+def test_patchcore_graph_search_keeps_image_scores_exact(textures):
+    normals, clean, defects = textures
+    images = clean[:3] + [image for image, _ in defects[:3]]
+    scores = {}
+    for search in ("flat", "hnsw"):
+        detector = create_detector("patchcore", search=search, hnsw_ef_search=2, **FAST).fit(normals)
+        scores[search] = [r.score for r in detector.predict(images)]
+    np.testing.assert_allclose(scores["hnsw"], scores["flat"], rtol=1e-5)
