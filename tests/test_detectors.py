@@ -136,4 +136,6 @@ def test_patchcore_graph_search_keeps_image_scores_exact(textures):
     for search in ("flat", "hnsw"):
         detector = create_detector("patchcore", search=search, hnsw_ef_search=2, **FAST).fit(normals)
         scores[search] = [r.score for r in detector.predict(images)]
-    np.testing.assert_allclose(scores["hnsw"], scores["flat"], rtol=1e-5)
+    # Both sides compute float32 distances in different orders (faiss expands |a-b|^2), so they agree
+    # to float32 rounding, not bit for bit; a wrong neighbour would differ by far more.
+    np.testing.assert_allclose(scores["hnsw"], scores["flat"], rtol=1e-4)
