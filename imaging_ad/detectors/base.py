@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from imaging_ad.backbones import DEFAULT_BACKBONE, FeatureExtractor, create_backbone
 from imaging_ad.calibration import Calibration, calibrate
-from imaging_ad.detectors.inputs import ImageInput, PreprocessedImages, collate
+from imaging_ad.detectors.inputs import Batch, ImageInput, PreprocessedImages, collate, prefetch
 from imaging_ad.preprocess import Preprocessor
 
 # Enough normal pixels for a stable 99th percentile without keeping whole heatmaps.
@@ -207,7 +207,7 @@ class Detector(ABC):
     def _scored_batches(
         self, images: list[ImageInput], desc: str
     ) -> Iterator[tuple[np.ndarray, list[np.ndarray], list[str | None]]]:
-        loader = self._loader(images)
+        loader = self._batches(images)
         with tqdm(total=len(images), desc=desc, unit="img", disable=not self.progress, leave=False) as bar:
             for batch in loader:
                 with torch.inference_mode():
@@ -252,9 +252,14 @@ class Detector(ABC):
             persistent_workers=False,
         )
 
+    def _batches(self, images: list[ImageInput]) -> Iterator[Batch]:
+        """Preprocessed batches; read ahead in a thread unless worker processes already do it."""
+        loader = self._loader(images)
+        return iter(loader) if loader.num_workers > 0 else prefetch(loader)
+
     def _feature_batches(self, images: list[ImageInput], desc: str) -> Iterator[list[torch.Tensor]]:
         with tqdm(total=len(images), desc=desc, unit="img", disable=not self.progress, leave=False) as bar:
-            for batch in self._loader(images):
+            for batch in self._batches(images):
                 with torch.inference_mode():
                     features = self._extract(batch.images.to(self.device_, non_blocking=True))
                 bar.update(len(batch.paths))

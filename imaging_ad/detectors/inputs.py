@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import queue
+import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -62,3 +65,46 @@ class PreprocessedImages(Dataset):
 def collate(samples: list[tuple[torch.Tensor, tuple[int, int], str | None]]) -> Batch:
     images, sizes, paths = zip(*samples, strict=True)
     return Batch(torch.stack(images), list(sizes), list(paths))
+
+
+T = TypeVar("T")
+_DONE = object()
+
+
+def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """Produce ``items`` in a background thread, ``depth`` ahead of the consumer.
+
+    Decoding and resizing (Pillow, OpenCV, NumPy) release the GIL, so the next batch is read while the
+    model runs on this one without the start-up and copying cost of worker processes. Exceptions are
+    re-raised in the consumer, in order."""
+    buffer: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                buffer.put(item)
+            buffer.put(_DONE)
+        except BaseException as error:  # noqa: BLE001 - handed to the consumer
+            buffer.put(error)
+
+    thread = threading.Thread(target=produce, name="imaging_ad-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = buffer.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        # unblock a producer waiting on a full buffer so the thread can finish
+        while thread.is_alive():
+            try:
+                buffer.get_nowait()
+            except queue.Empty:
+                thread.join(timeout=0.05)
