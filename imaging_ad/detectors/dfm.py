@@ -13,10 +13,10 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from sklearn.covariance import LedoitWolf
 
 from imaging_ad.detectors.base import Detector
+from imaging_ad.detectors.features import patch_grid, pooled_statistics
 from imaging_ad.detectors.registry import register_detector
 
 
@@ -35,25 +35,11 @@ class PooledGaussian(Detector):
         self.patch_mean_: torch.Tensor | None = None
         self.patch_precision_: torch.Tensor | None = None
 
-    def _patches(self, features: list[torch.Tensor]) -> torch.Tensor:
-        """(B, D, h, w): every stage on the finest selected grid."""
-        grid = features[0].shape[-2:]
-        maps = [features[0]] + [
-            F.interpolate(f, size=grid, mode="bilinear", align_corners=False) for f in features[1:]
-        ]
-        return torch.cat(maps, dim=1)
-
-    def _pooled(self, features: list[torch.Tensor]) -> torch.Tensor:
-        stats = [f.mean(dim=(2, 3)) for f in features]
-        if self.pool_std:
-            stats += [f.std(dim=(2, 3)) for f in features]
-        return torch.cat(stats, dim=1)
-
     def _fit_stream(self, batches: Iterator[list[torch.Tensor]], n_images: int) -> None:
         pooled, count, total, outer = [], 0, None, None
         for features in batches:
-            pooled.append(self._pooled(features).double().cpu())
-            patches = self._patches(features).double()
+            pooled.append(pooled_statistics(features, self.pool_std).double().cpu())
+            patches = patch_grid(features).double()
             x = patches.permute(0, 2, 3, 1).reshape(-1, patches.shape[1])
             total = x.sum(0) if total is None else total + x.sum(0)
             outer = x.T @ x if outer is None else outer + x.T @ x
@@ -74,9 +60,9 @@ class PooledGaussian(Detector):
         self.patch_precision_ = torch.linalg.inv(covariance).float().contiguous()
 
     def _score(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        delta = self._pooled(features) - self.image_mean_
+        delta = pooled_statistics(features, self.pool_std) - self.image_mean_
         scores = ((delta @ self.image_precision_) * delta).sum(1).clamp_min(0).sqrt()
-        patches = self._patches(features)
+        patches = patch_grid(features)
         b, d, h, w = patches.shape
         x = patches.permute(0, 2, 3, 1).reshape(-1, d) - self.patch_mean_
         maps = ((x @ self.patch_precision_) * x).sum(1).clamp_min(0).sqrt().view(b, h, w)
