@@ -20,6 +20,7 @@ _LAZY = {
     "discover_dataset": "imaging_ad.data",
     "Dataset": "imaging_ad.data",
     "Sample": "imaging_ad.data",
+    "scan": "imaging_ad.scan",
 }
 
 __all__ = ["ImageMeta", "ImageReadError", "ImageRecord", "read_image", "__version__", *_LAZY]
@@ -28,6 +29,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from imaging_ad.backbones import create_backbone, list_backbones  # noqa: F401
     from imaging_ad.data import Dataset, Sample, discover_dataset  # noqa: F401
     from imaging_ad.preprocess import Preprocessor  # noqa: F401
+    from imaging_ad.scan import scan  # noqa: F401
 
 
 def __getattr__(name: str):

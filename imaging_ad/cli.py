@@ -82,6 +82,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(run=_predict)
 
+    p = sub.add_parser(
+        "scan", help="score every image in a folder (resumable); results.csv/.jsonl, overlays, report.html"
+    )
+    p.add_argument("input_dir", help="folder searched recursively (DICOM without extension included)")
+    p.add_argument("--model", required=True, help="fitted model file (.safetensors)")
+    p.add_argument("--out", required=True, help="output folder; re-running the same command resumes")
+    p.add_argument("--threshold", type=float, default=None, help="raw score threshold (default: calibrated)")
+    p.add_argument("--heatmaps", choices=("flagged", "all", "none"), default="flagged", help="overlays")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--workers", type=int, default=None, help="read/preprocess threads (default: 2-4)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the model's batch size")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=_scan)
+
     p = sub.add_parser("info", help="show what the reader sees in image files")
     p.add_argument("images", nargs="+")
     p.set_defaults(run=_info)
@@ -205,6 +219,34 @@ def _predict(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+def _scan(args: argparse.Namespace) -> int:
+    from imaging_ad.scan import scan
+
+    try:
+        summary = scan(
+            args.input_dir,
+            args.model,
+            args.out,
+            threshold=args.threshold,
+            heatmaps=args.heatmaps,
+            device=args.device,
+            workers=args.workers,
+            batch_size=args.batch_size,
+            progress_bar=not args.no_progress,
+        )
+    except KeyboardInterrupt:
+        print(
+            "imaging-ad scan: interrupted; finished batches are saved, run the same command again to resume",
+            file=sys.stderr,
+        )
+        return 130
+    except OSError as exc:  # e.g. the output folder: disk full, no permission (bad input files are rows)
+        print(f"imaging-ad scan: error: {exc}", file=sys.stderr)
+        return 1
+    print(summary)
     return 0
 
 
