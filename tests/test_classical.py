@@ -21,7 +21,9 @@ def test_isolation_forest_walk_matches_sklearn():
     train, queries = _data()
     forest = fit_isolation_forest(torch.from_numpy(train), n_trees=40, seed=3)
     reference = -IsolationForest(n_estimators=40, random_state=3).fit(train).score_samples(queries)
-    np.testing.assert_allclose(forest_outlier_score(torch.from_numpy(queries), forest).numpy(), reference, atol=1e-6)
+    np.testing.assert_allclose(
+        forest_outlier_score(torch.from_numpy(queries), forest).numpy(), reference, atol=1e-6
+    )
 
 
 def test_one_class_svm_tensors_match_sklearn():
@@ -29,7 +31,9 @@ def test_one_class_svm_tensors_match_sklearn():
     svm = fit_one_class_svm(torch.from_numpy(train), nu=0.1)
     x = train.astype(np.float64)
     mean, scale = x.mean(0), x.std(0) + 1e-6
-    reference = -OneClassSVM(nu=0.1, gamma=1 / 12).fit((x - mean) / scale).decision_function((queries - mean) / scale)
+    reference = (
+        -OneClassSVM(nu=0.1, gamma=1 / 12).fit((x - mean) / scale).decision_function((queries - mean) / scale)
+    )
     scores = svm_outlier_score(torch.from_numpy(queries), svm).numpy()
     np.testing.assert_allclose(scores, reference, atol=1e-4)
     assert scores[100:].min() > scores[:100].max()  # the shifted cluster lies outside the boundary

@@ -1,6 +1,6 @@
 """Detectors: one file each, registered by name; all share the fit / predict / save / load contract."""
 
-from imaging_ad.detectors import dfm, iforest, ocsvm, padim, patchcore  # noqa: F401  (registration side effect)
+from imaging_ad.detectors import dfm, ensemble, iforest, ocsvm, padim, patchcore  # noqa: F401  (registration)
 from imaging_ad.detectors.base import AnomalyResult, Detector
 from imaging_ad.detectors.persistence import ModelFileError, load_detector, read_description
 from imaging_ad.detectors.registry import DETECTORS, create_detector, list_detectors, register_detector

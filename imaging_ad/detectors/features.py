@@ -11,7 +11,9 @@ import torch.nn.functional as F
 def patch_grid(features: list[torch.Tensor]) -> torch.Tensor:
     """(B, D, h, w): every stage resized onto the finest selected stage's grid and concatenated."""
     grid = features[0].shape[-2:]
-    maps = [features[0]] + [F.interpolate(f, size=grid, mode="bilinear", align_corners=False) for f in features[1:]]
+    maps = [features[0]] + [
+        F.interpolate(f, size=grid, mode="bilinear", align_corners=False) for f in features[1:]
+    ]
     return torch.cat(maps, dim=1)
 
 

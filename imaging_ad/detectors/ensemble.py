@@ -1,0 +1,174 @@
+"""Ensemble: several detectors on one backbone pass, their scores made comparable on normal images.
+
+Raw scores of different detectors live on unrelated scales (a distance, a Mahalanobis norm, an SVM
+margin). Each member's image scores and heatmap pixels are therefore standardised with the mean and
+spread they have on the held-out *normal* images, then averaged; the ensemble is calibrated on the
+same held-out normals like any detector. Members share the backbone, input size and preprocessing,
+so the backbone runs once per image for all of them: an ensemble of two costs one forward pass plus
+two detector heads.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from imaging_ad.detectors.base import Detector
+from imaging_ad.detectors.inputs import ImageInput
+from imaging_ad.detectors.registry import DETECTORS, register_detector
+
+_BASE_PARAMS = (
+    "backbone", "backbone_weights", "pretrained", "image_size", "aspect", "clahe", "intensity",
+    "batch_size", "num_workers", "device", "seed",
+)  # fmt: skip
+
+
+@register_detector("ensemble")
+class Ensemble(Detector):
+    def __init__(
+        self,
+        *,
+        members: tuple[str, ...] | list[str] = ("patchcore", "dfm"),
+        member_params: dict[str, dict[str, Any]] | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.members = list(members)
+        self.member_params = dict(member_params or {})
+        unknown = [m for m in self.members if m not in DETECTORS or m == "ensemble"]
+        if len(self.members) < 2 or len(set(self.members)) != len(self.members) or unknown:
+            raise ValueError(
+                f"an ensemble needs two or more different registered detectors, got {self.members} "
+                f"(registered: {sorted(set(DETECTORS) - {'ensemble'})})"
+            )
+        shared = {name: getattr(self, name) for name in _BASE_PARAMS}
+        self.members_: list[Detector] = [
+            DETECTORS[m](**{**shared, **self.member_params.get(m, {}), "progress": False})
+            for m in self.members
+        ]
+        self.feature_strides = tuple(sorted({s for d in self.members_ for s in d.feature_strides}))
+        self._positions = [[self.feature_strides.index(s) for s in d.feature_strides] for d in self.members_]
+        # per member: mean and spread of its image scores and of its heatmap pixels on normal images
+        self.normalization_: torch.Tensor | None = None
+
+    # -- sharing the backbone -------------------------------------------------------------------
+
+    def _setup(self) -> None:
+        super()._setup()
+        for member in self.members_:
+            member.device_ = self.device_
+            member.extractor_ = self.extractor_
+            member.preprocessor_ = self.preprocessor_
+
+    def _member_features(self, features: list[torch.Tensor], i: int) -> list[torch.Tensor]:
+        return [features[p] for p in self._positions[i]]
+
+    # -- fit ------------------------------------------------------------------------------------
+
+    def _fit_stream(self, batches: Iterator[list[torch.Tensor]], n_images: int) -> None:
+        consumers = [
+            (lambda stream, i=i, member=member: member._fit_stream(
+                (self._member_features(f, i) for f in stream), n_images
+            ))
+            for i, member in enumerate(self.members_)
+        ]  # fmt: skip
+        _fan_out(batches, consumers)
+
+    def _calibrate(self, held_out: list[ImageInput]):
+        """Standardise each member on the held-out normals first; then calibrate the ensemble on them."""
+        self.normalization_ = None
+        scores: list[list[np.ndarray]] = [[] for _ in self.members_]
+        pixels: list[list[np.ndarray]] = [[] for _ in self.members_]
+        for features in self._feature_batches(held_out, desc=f"{self.name}: standardise"):
+            for i, member in enumerate(self.members_):
+                s, maps = member._score(self._member_features(features, i))
+                scores[i].append(s.float().cpu().numpy())
+                pixels[i].append(maps.float().cpu().numpy().ravel())
+        rows = []
+        for s, p in zip(scores, pixels, strict=True):
+            s, p = np.concatenate(s), np.concatenate(p)
+            rows.append(
+                [s.mean(), max(s.std(), 1e-6 * max(abs(s.mean()), 1.0)), p.mean(), max(p.std(), 1e-12)]
+            )
+        self.normalization_ = torch.tensor(rows, dtype=torch.float32, device=self.device_)
+        return super()._calibrate(held_out)
+
+    # -- score ----------------------------------------------------------------------------------
+
+    def _score(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.normalization_ is None:
+            raise RuntimeError("the ensemble's members are not standardised yet")
+        outputs = [m._score(self._member_features(features, i)) for i, m in enumerate(self.members_)]
+        grid = max((maps.shape[-2:] for _, maps in outputs), key=lambda hw: hw[0] * hw[1])
+        total_scores, total_maps = 0.0, 0.0
+        for (scores, maps), (s_mean, s_std, p_mean, p_std) in zip(outputs, self.normalization_, strict=True):
+            maps = F.interpolate(maps[:, None].float(), size=grid, mode="bilinear", align_corners=False)[:, 0]
+            total_scores = total_scores + (scores.float() - s_mean) / s_std
+            total_maps = total_maps + (maps - p_mean) / p_std
+        return total_scores / len(outputs), total_maps / len(outputs)
+
+    # -- persistence ----------------------------------------------------------------------------
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        state = {"normalization": self.normalization_}
+        for i, member in enumerate(self.members_):
+            state.update({f"member{i}.{k}": v for k, v in member._state().items()})
+        return state
+
+    def _set_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.normalization_ = tensors["normalization"].float().to(self.device_)
+        for i, member in enumerate(self.members_):
+            prefix = f"member{i}."
+            member._set_state({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+
+
+def _fan_out(batches: Iterator[Any], consumers: list[Callable[[Iterator[Any]], None]]) -> None:
+    """Feed every batch to every consumer, each running its own loop in a thread, so one pass over
+    the data (one backbone forward per image) fits all members. Errors reach the caller."""
+    done = object()
+    queues = [queue.Queue(maxsize=2) for _ in consumers]
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def run(consumer: Callable[[Iterator[Any]], None], q: queue.Queue) -> None:
+        ended = threading.Event()
+
+        def stream() -> Iterator[Any]:
+            while (item := q.get()) is not done:
+                yield item
+            ended.set()
+
+        try:
+            consumer(stream())
+        except BaseException as error:  # noqa: BLE001 - re-raised in the caller
+            errors.append(error)
+            stop.set()
+        finally:
+            while not ended.is_set():  # a consumer that stopped early must not block the producer
+                if q.get() is done:
+                    break
+
+    threads = [
+        threading.Thread(target=run, args=(c, q), daemon=True) for c, q in zip(consumers, queues, strict=True)
+    ]
+    for t in threads:
+        t.start()
+    try:
+        for batch in batches:
+            if stop.is_set():
+                break
+            for q in queues:
+                q.put(batch)
+    finally:
+        for q in queues:
+            q.put(done)
+        for t in threads:
+            t.join()
+    if errors:
+        raise errors[0]

@@ -1,0 +1,45 @@
+"""Ensemble plumbing: one data pass feeds every member; bad member lists are refused."""
+
+import pytest
+
+from imaging_ad.detectors import create_detector
+from imaging_ad.detectors.ensemble import _fan_out
+
+
+def test_fan_out_gives_every_consumer_every_batch_once():
+    seen = {0: [], 1: []}
+    produced = []
+
+    def batches():
+        for i in range(20):
+            produced.append(i)
+            yield i
+
+    _fan_out(batches(), [lambda s, k=k: seen[k].extend(s) for k in seen])
+    assert produced == list(range(20))  # a single pass over the data
+    assert seen[0] == seen[1] == list(range(20))
+
+
+def test_fan_out_reraises_a_member_error_and_does_not_hang():
+    def failing(stream):
+        for item in stream:
+            if item == 3:
+                raise ArithmeticError("member failed")
+
+    def early_stop(stream):
+        next(iter(stream))  # takes one batch and returns
+
+    with pytest.raises(ArithmeticError, match="member failed"):
+        _fan_out(iter(range(1000)), [failing, early_stop, lambda s: list(s)])
+
+
+def test_members_share_one_backbone_pass_over_the_union_of_their_stages():
+    ensemble = create_detector("ensemble", members=["patchcore", "padim"], progress=False)
+    assert ensemble.feature_strides == (4, 8, 16, 32)
+    assert [m.name for m in ensemble.members_] == ["patchcore", "padim"]
+
+
+@pytest.mark.parametrize("members", [["patchcore"], ["patchcore", "patchcore"], ["patchcore", "nope"]])
+def test_bad_member_lists_are_refused(members):
+    with pytest.raises(ValueError, match="two or more different registered detectors"):
+        create_detector("ensemble", members=members)
