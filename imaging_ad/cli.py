@@ -6,6 +6,7 @@ imaging-ad evaluate MODEL DATA [--json PATH] [--plots DIR]
 imaging-ad predict MODEL IMAGE_OR_DIR... [--heatmaps DIR] [--json PATH]
 imaging-ad info IMAGE...                     what the reader sees in a file
 imaging-ad backbones                         backbones available offline
+imaging-ad demo [--host H] [--port P] [--data-dir D] [--allowed-root DIR]   the Gradio web demo
 """
 
 from __future__ import annotations
@@ -105,6 +106,17 @@ def _parser() -> argparse.ArgumentParser:
         "--all", action="store_true", help="also list every timm model (needs a network for weights)"
     )
     p.set_defaults(run=_backbones)
+
+    p = sub.add_parser(
+        "demo", help="web demo (Gradio): inspect, review, batch, learn; serves 127.0.0.1 unless --host"
+    )
+    try:  # options live with the demo (also `python -m demo`); importing them loads no Gradio
+        from demo.launcher import add_arguments as demo_arguments
+    except ImportError:  # demo/ not installed alongside: `imaging-ad demo` says so when run
+        pass
+    else:
+        demo_arguments(p)
+    p.set_defaults(run=_demo)
     return parser
 
 
@@ -285,6 +297,16 @@ def _backbones(args: argparse.Namespace) -> int:
             if name not in offline:
                 print(name)
     return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    try:
+        from demo.launcher import run
+    except ImportError as exc:
+        raise RuntimeError(
+            f"the demo package is not installed ({exc}); install the project with `pip install -e .`"
+        ) from exc
+    return run(args)
 
 
 def _expand_inputs(inputs: list[str]) -> list[Path]:

@@ -1,0 +1,446 @@
+"""What the demo does, without the user interface: inspect one image, scan a batch, fit a model, review.
+
+:class:`DemoService` owns the data folder, the review store and the model cache; the Gradio handlers in
+:mod:`demo.app` only convert between its results and widgets. Every path it writes is inside the data
+folder; every server path it reads is checked against the allowed roots first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from demo import feedback
+from demo.config import DemoConfig
+from demo.models import ModelCache, ModelEntry, fingerprint, list_models
+from demo.review_store import NewItem, QueueItem, ReviewStore
+from demo.safety import (
+    IMAGE_SUFFIXES,
+    UnsafeInputError,
+    check_upload_name,
+    copy_upload,
+    is_within,
+    resolve_within,
+    safe_extract_zip,
+    safe_name,
+)
+from imaging_ad.io import ImageRecord, read_image
+
+ProgressFn = Callable[[float, str], None]
+
+
+@dataclass
+class InspectResult:
+    name: str
+    image_path: Path  # the stored copy under media/uploads
+    display: np.ndarray  # uint8 RGB, the image as shown
+    heatmap: np.ndarray  # float32 at the image's size
+    score: float
+    normalized_score: float
+    threshold: float  # calibrated raw image threshold
+    pixel_threshold: float
+    score_scale: float
+    target_fpr: float
+    meta: dict[str, Any]
+    model_name: str
+    model_sha: str
+    item_id: int
+    model_seconds: float  # read + predict, the library call
+
+    def is_anomaly(self, normalized_threshold: float = 0.5) -> bool:
+        return self.normalized_score > normalized_threshold
+
+
+@dataclass
+class BatchResult:
+    batch_id: str
+    n_files: int
+    n_scored: int
+    n_flagged: int
+    n_errors: int
+    seconds: float
+    rows: list[dict[str, Any]]  # scan rows, highest score first; "overlay_abs" added
+    csv_path: Path
+    report_path: Path
+    notes: list[str] = field(default_factory=list)
+
+
+def _stamp() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+
+
+def image_meta_summary(record: ImageRecord) -> dict[str, Any]:
+    """The facts worth showing about an input (DICOM: modality and window)."""
+    meta = record.meta
+    info: dict[str, Any] = {
+        "format": meta.format,
+        "size": f"{meta.width} x {meta.height}",
+        "bit depth": meta.bit_depth,
+        "channels": meta.channels,
+    }
+    if meta.format == "DICOM":
+        info["modality"] = meta.modality or "unknown"
+        info["window (centre, width)"] = (
+            f"{meta.window[0]:g}, {meta.window[1]:g}" if meta.window else "none in the file"
+        )
+        info["VOI applied"] = meta.voi_applied or "none"
+        info["photometric"] = meta.photometric
+        if meta.inverted:
+            info["inverted"] = "MONOCHROME1 shown bright = dense"
+    return info
+
+
+class DemoService:
+    def __init__(self, config: DemoConfig) -> None:
+        self.config = config
+        config.make_dirs()
+        self.store = ReviewStore(config.db_path)
+        self.cache = ModelCache(device=config.device)
+
+    # -- models -------------------------------------------------------------------------------------
+
+    def models(self) -> list[ModelEntry]:
+        return list_models(self.config.weights_dir, self.config.models_dir)
+
+    def model_labels(self) -> list[str]:
+        return [m.label for m in self.models()]
+
+    def resolve_model(self, label: str | None = None, path: str | None = None) -> ModelEntry:
+        """The model chosen in the UI: a typed path (inside the allowed roots or the models folder) wins
+        over the dropdown; neither means the default (first shipped) model."""
+        if path and path.strip():
+            roots = [*self.config.allowed_roots, self.config.models_dir, self.config.weights_dir]
+            resolved = resolve_within(path, roots)
+            if resolved.suffix != ".safetensors" or not resolved.is_file():
+                raise UnsafeInputError(f"{path}: not a .safetensors model file")
+            return ModelEntry(resolved.stem, resolved, "model file given by path", None, "path")
+        models = self.models()
+        if not models:
+            raise ValueError(
+                f"no models found in {self.config.weights_dir} or {self.config.models_dir}; "
+                "run weights/build_default_model.py or fit one in the Learn tab"
+            )
+        for model in models:
+            if model.label == label:
+                return model
+        if label:
+            raise ValueError(f"model {label!r} is no longer available")
+        return models[0]
+
+    def detector(self, entry: ModelEntry):  # -> Detector (imported lazily)
+        return self.cache.get(entry)
+
+    # -- inspect ------------------------------------------------------------------------------------
+
+    def store_upload(self, upload: str | os.PathLike, name: str | None = None) -> Path:
+        """Copy an uploaded image into media/uploads, named by content hash (the same image twice is one
+        file and one review item)."""
+        src = Path(upload)
+        check_upload_name(name or src.name, IMAGE_SUFFIXES)
+        if src.stat().st_size > self.config.max_upload_bytes:
+            raise UnsafeInputError(f"{src.name}: over the upload limit of {self.config.max_upload_mb} MB")
+        digest = hashlib.sha256()
+        with src.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        target = (
+            self.config.media_dir / "uploads" / f"{digest.hexdigest()[:16]}_{safe_name(name or src.name)}"
+        )
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(target.name + ".partial")
+            shutil.copyfile(src, tmp)
+            tmp.replace(target)
+        return target
+
+    def inspect(
+        self, upload: str | os.PathLike, model_label: str | None = None, model_path: str | None = None
+    ) -> InspectResult:
+        """Score one uploaded image with the chosen model and put it in the review queue."""
+        from imaging_ad.visualize import overlay, save_png, to_display_rgb
+
+        entry = self.resolve_model(model_label, model_path)
+        detector = self.detector(entry)
+        name = Path(upload).name
+        stored = self.store_upload(upload, name)
+        start = time.perf_counter()
+        record = read_image(stored)
+        result = detector.predict([record])[0]
+        model_seconds = time.perf_counter() - start
+        calibration = detector.calibration_
+        display = to_display_rgb(record.pixels)
+        sha = fingerprint(entry.path)
+        overlay_path = self.config.media_dir / "overlays" / f"{stored.stem}_{sha[:12]}.png"
+        save_png(overlay_path, overlay(display, result.heatmap, vmin=calibration.pixel_threshold))
+        item_id = self.store.add_item(
+            NewItem(
+                image_path=str(stored),
+                display_name=name,
+                source="inspect",
+                model_name=entry.name,
+                model_sha=sha,
+                score=result.score,
+                normalized_score=result.normalized_score,
+                threshold=calibration.image_threshold,
+                overlay_path=str(overlay_path),
+                width=record.meta.width,
+                height=record.meta.height,
+            )
+        )
+        return InspectResult(
+            name=name,
+            image_path=stored,
+            display=display,
+            heatmap=result.heatmap,
+            score=result.score,
+            normalized_score=result.normalized_score,
+            threshold=calibration.image_threshold,
+            pixel_threshold=calibration.pixel_threshold,
+            score_scale=calibration.score_scale,
+            target_fpr=calibration.target_fpr,
+            meta=image_meta_summary(record),
+            model_name=entry.name,
+            model_sha=sha,
+            item_id=item_id,
+            model_seconds=model_seconds,
+        )
+
+    # -- inputs for batch and learn -------------------------------------------------------------------
+
+    def gather_inputs(
+        self, uploads: Sequence[str | os.PathLike], folder: str | None, dest: Path
+    ) -> tuple[Path, list[str]]:
+        """A folder of images to work on: the typed server folder (checked against the allowed roots), or
+        ``dest`` filled with the uploads (zips extracted safely). Returns (folder, notes)."""
+        notes: list[str] = []
+        if folder and folder.strip():
+            root = resolve_within(folder, self.config.allowed_roots)
+            if not root.is_dir():
+                raise UnsafeInputError(f"{folder} is not a folder")
+            if is_within(self.config.data_dir, root):  # would read the demo's own uploads and results
+                raise UnsafeInputError(f"{folder} contains the demo's data folder; choose a folder inside it")
+            return root, notes
+        if not uploads:
+            raise ValueError("upload images (or a zip of images), or give a server folder")
+        dest.mkdir(parents=True, exist_ok=True)
+        n_files = 0
+        for upload in uploads:
+            path = Path(upload)
+            suffix = check_upload_name(path)
+            if suffix == ".zip":
+                if path.stat().st_size > self.config.max_upload_bytes:
+                    raise UnsafeInputError(
+                        f"{path.name}: over the upload limit of {self.config.max_upload_mb} MB"
+                    )
+                extracted = safe_extract_zip(path, dest / safe_name(path.stem, "zip"), self.config.zip_limits)
+                n_files += len(extracted.files)
+                if extracted.skipped:
+                    notes.append(f"{path.name}: skipped {len(extracted.skipped)} non-image member(s)")
+            else:
+                copy_upload(path, dest, self.config.max_upload_bytes)
+                n_files += 1
+            if n_files > self.config.max_batch_files:
+                raise UnsafeInputError(f"more than {self.config.max_batch_files} files in one batch")
+        if n_files == 0:
+            raise ValueError("no image files in the upload")
+        return dest, notes
+
+    # -- batch --------------------------------------------------------------------------------------
+
+    def run_batch(
+        self,
+        uploads: Sequence[str | os.PathLike],
+        folder: str | None = None,
+        model_label: str | None = None,
+        model_path: str | None = None,
+        progress: ProgressFn | None = None,
+    ) -> BatchResult:
+        """Scan uploads or an allowed server folder with the library scan; results enter the review queue."""
+        import imaging_ad
+        from imaging_ad.scan import read_rows
+
+        entry = self.resolve_model(model_label, model_path)
+        detector = self.detector(entry)
+        batch_id = _stamp()
+        batch_dir = self.config.media_dir / "batches" / batch_id
+        input_dir, notes = self.gather_inputs(uploads, folder, batch_dir / "input")
+        out_dir = batch_dir / "scan"
+
+        def on_progress(p) -> None:  # imaging_ad.scan.ScanProgress
+            if progress is not None and p.total:
+                progress(p.done / p.total, f"{p.done}/{p.total} images, {p.flagged} flagged")
+
+        summary = imaging_ad.scan(
+            input_dir, entry.path, out_dir, heatmaps="all", detector=detector, progress=on_progress
+        )
+        if summary.n_files > self.config.max_batch_files:
+            notes.append(
+                f"{summary.n_files} files: more than the usual limit of {self.config.max_batch_files}"
+            )
+        rows = list(read_rows(out_dir))
+        sha = summary.model_fingerprint
+        items = []
+        for row in rows:
+            row["overlay_abs"] = str(out_dir / row["heatmap"]) if row.get("heatmap") else None
+            if row.get("score") is None:
+                continue
+            items.append(
+                NewItem(
+                    image_path=str(input_dir / row["path"]),
+                    display_name=row["path"],
+                    source=f"batch:{batch_id}",
+                    model_name=entry.name,
+                    model_sha=sha,
+                    score=float(row["score"]),
+                    normalized_score=float(row["normalized_score"]),
+                    threshold=float(row["threshold"]),
+                    overlay_path=row["overlay_abs"],
+                    width=row.get("width"),
+                    height=row.get("height"),
+                )
+            )
+        self.store.add_items(items)
+        rows.sort(key=lambda r: (r.get("score") is None, -(r.get("score") or 0.0)))
+        return BatchResult(
+            batch_id=batch_id,
+            n_files=summary.n_files,
+            n_scored=len(items),
+            n_flagged=summary.n_flagged,
+            n_errors=summary.n_errors,
+            seconds=summary.seconds,
+            rows=rows,
+            csv_path=summary.results_csv,
+            report_path=summary.report,
+            notes=notes + list(summary.warnings),
+        )
+
+    # -- learn --------------------------------------------------------------------------------------
+
+    def learn(
+        self,
+        uploads: Sequence[str | os.PathLike],
+        folder: str | None,
+        detector_name: str,
+        model_name: str,
+        image_size: int = 224,
+        backbone: str = "tf_efficientnet_lite0",
+        params: dict[str, Any] | None = None,
+    ) -> ModelEntry:
+        """Fit a detector on normal images and save it in the models folder (offered in Inspect from then)."""
+        from imaging_ad.data import collect_images
+        from imaging_ad.detectors import create_detector
+
+        name = safe_name(model_name.strip(), "")
+        if not name:
+            raise ValueError("give the new model a name")
+        out = self.config.models_dir / f"{name}.safetensors"
+        if out.exists():
+            raise ValueError(f"a model named {name} exists already; choose another name")
+        work = self.config.media_dir / "learn" / _stamp()
+        folder_in, _ = self.gather_inputs(uploads, folder, work / "input")
+        images = collect_images(folder_in)
+        if len(images) > self.config.max_batch_files:
+            raise UnsafeInputError(
+                f"{len(images)} images, more than the limit of {self.config.max_batch_files}"
+            )
+        if len(images) < 5:
+            raise ValueError(f"{len(images)} image(s) found; fitting needs at least 5 normal images")
+        detector = create_detector(
+            detector_name,
+            backbone=backbone,
+            image_size=int(image_size),
+            device=self.config.device,
+            progress=True,  # tqdm bars, which Gradio's progress tracks
+            **(params or {}),
+        )
+        detector.fit(images)
+        detector.save(out)
+        return next(m for m in self.models() if m.path == out.resolve())
+
+    # -- review -------------------------------------------------------------------------------------
+
+    def display_image(self, path: str) -> np.ndarray | None:
+        """An item's image for display, read only from the data folder or an allowed root."""
+        from imaging_ad.visualize import to_display_rgb
+
+        roots = [self.config.media_dir, *self.config.allowed_roots]
+        if not any(is_within(path, r) for r in roots) or not Path(path).is_file():
+            return None
+        try:
+            return to_display_rgb(read_image(path).pixels)
+        except Exception:  # noqa: BLE001  (a file changed since it was scored: show nothing, keep reviewing)
+            return None
+
+    def overlay_path(self, item: QueueItem) -> str | None:
+        path = item.overlay_path
+        if path and is_within(path, self.config.media_dir) and Path(path).is_file():
+            return path
+        return None
+
+    def browser_secret(self) -> str:
+        """The key Gradio encrypts browser-stored values with (the reviewer's name), kept in the data folder
+        so that they still read after a restart."""
+        path = self.config.data_dir / "browser-secret"
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(secrets.token_hex(32))
+        return path.read_text().strip()
+
+    def export_verdicts(self, history: bool = False) -> Path:
+        out = self.config.media_dir / "exports" / f"verdicts-{_stamp()}.csv"
+        return self.store.export_csv(out, history=history)
+
+    # -- feedback -----------------------------------------------------------------------------------
+
+    def calibration(self, entry: ModelEntry):  # -> Calibration
+        from imaging_ad.calibration import Calibration
+        from imaging_ad.detectors import read_description
+
+        return Calibration.from_dict(read_description(entry.path)["calibration"])
+
+    def next_version_path(self, entry: ModelEntry) -> Path:
+        base = entry.name.split("-v")[0] if entry.source == "user" else entry.name
+        for version in range(2, 10_000):
+            candidate = self.config.models_dir / f"{safe_name(base)}-v{version}.safetensors"
+            if not candidate.exists():
+                return candidate
+        raise ValueError("too many versions")
+
+    def add_normals_to_bank(
+        self, entry: ModelEntry, progress: ProgressFn | None = None
+    ) -> feedback.BankExtension:
+        """A new version of a PatchCore model with the images reviewed as normal in its memory bank."""
+        sha = fingerprint(entry.path)
+        normals = [i for i in self.store.labelled(sha) if i.verdict == "normal"]
+        readable = [
+            i.image_path
+            for i in normals
+            if any(is_within(i.image_path, r) for r in [self.config.media_dir, *self.config.allowed_roots])
+            and Path(i.image_path).is_file()
+        ]
+        if not readable:
+            raise ValueError(f"no images reviewed as normal for {entry.name} (that are still readable)")
+        return feedback.extend_patchcore_bank(
+            entry.path,
+            readable,
+            self.next_version_path(entry),
+            device=self.config.device,
+            progress=(lambda done, total: progress(done / total, f"{done}/{total} images"))
+            if progress
+            else None,
+        )
+
+    def recent_scores(self, sha: str, n: int = 200) -> list[float]:
+        items = sorted(self.store.queue(sha), key=lambda i: (i.created_at, i.id), reverse=True)
+        return [i.score for i in items[:n]]

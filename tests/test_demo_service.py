@@ -1,0 +1,181 @@
+"""The demo's operations without a browser: shipped model, inspect, batch, learn, and the CLI entry."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from demo import feedback
+from demo.config import EXAMPLES_DIR, WEIGHTS_DIR, DemoConfig
+from demo.models import ModelCache, fingerprint, sha256_file, shipped_models
+from demo.safety import UnsafeInputError
+from demo.service import DemoService
+
+EXAMPLES = sorted(EXAMPLES_DIR.glob("*.jpeg"))
+
+
+@pytest.fixture(scope="module")
+def allowed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("allowed")
+    (root / "cases").mkdir()
+    for path in EXAMPLES[:3]:
+        shutil.copy(path, root / "cases" / path.name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory, allowed: Path) -> DemoService:
+    data = tmp_path_factory.mktemp("demo-data")
+    return DemoService(DemoConfig(data_dir=data, allowed_roots=[allowed], device="cpu"))
+
+
+def test_shipped_model_and_examples_are_in_the_repository() -> None:
+    registry = json.loads((WEIGHTS_DIR / "registry.json").read_text())
+    entries = shipped_models(WEIGHTS_DIR)
+    assert [e.name for e in entries] == [m["name"] for m in registry["models"]]
+    default = entries[0]
+    assert default.path.stat().st_size < 5 * 1024 * 1024  # "a few MB at most"
+    assert sha256_file(default.path) == default.sha256
+    assert len(EXAMPLES) >= 6
+    assert {p.name.split("_")[0] for p in EXAMPLES} == {"normal", "pneumonia"}
+
+
+def test_a_model_file_that_differs_from_the_registry_is_refused(tmp_path: Path) -> None:
+    weights = tmp_path / "weights"
+    shutil.copytree(WEIGHTS_DIR, weights, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    registry = json.loads((weights / "registry.json").read_text())
+    registry["models"][0]["sha256"] = "0" * 64
+    (weights / "registry.json").write_text(json.dumps(registry))
+    with pytest.raises(ValueError, match="differs from the registry"):
+        ModelCache(device="cpu").get(shipped_models(weights)[0])
+
+
+def test_inspect_scores_an_example_and_queues_it(service: DemoService) -> None:
+    by_name = {}
+    for path in EXAMPLES:
+        result = service.inspect(path)
+        assert result.heatmap.shape == result.display.shape[:2] == (224, 224)
+        assert np.isfinite(result.score) and 0 < result.normalized_score < 1
+        by_name[path.name] = result
+    normal = [r.normalized_score for n, r in by_name.items() if n.startswith("normal")]
+    pneumonia = [r.normalized_score for n, r in by_name.items() if n.startswith("pneumonia")]
+    assert np.mean(pneumonia) > np.mean(normal)
+    queue = service.store.queue()
+    assert {i.display_name for i in queue} >= {p.name for p in EXAMPLES}
+    item = service.store.item(by_name[EXAMPLES[0].name].item_id)
+    assert item.model_sha == fingerprint(WEIGHTS_DIR / "chest_xray_patchcore.safetensors")
+    assert Path(item.overlay_path).is_file() and Path(item.image_path).is_relative_to(
+        service.config.media_dir
+    )
+    # the same upload again is the same item, not a duplicate
+    assert service.inspect(EXAMPLES[0]).item_id == item.id
+
+
+def test_inspect_latency_after_warm_up(service: DemoService) -> None:
+    """The library path the Inspect handler takes (read + predict + overlay + queue), one 224 px image,
+    with the torch thread count the demo sets (see launcher.default_threads)."""
+    import torch
+
+    from demo.launcher import default_threads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(default_threads())
+    try:
+        service.inspect(EXAMPLES[1])  # warm
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            service.inspect(EXAMPLES[1])
+            times.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(before)
+    print(f"inspect latency: median {np.median(times) * 1000:.0f} ms, min {min(times) * 1000:.0f} ms")
+    assert np.median(times) < 1.0
+
+
+def test_inspect_dicom_shows_modality_and_window(service: DemoService, tmp_path: Path) -> None:
+    from pydicom.data import get_testdata_file
+
+    path = tmp_path / "ct.dcm"
+    shutil.copy(get_testdata_file("CT_small.dcm"), path)
+    result = service.inspect(path)
+    assert result.meta["format"] == "DICOM" and result.meta["modality"] == "CT"
+    assert "window (centre, width)" in result.meta
+    assert result.heatmap.shape == (128, 128)
+
+
+def test_refusals(service: DemoService, allowed: Path, tmp_path: Path) -> None:
+    script = tmp_path / "x.sh"
+    script.write_text("echo")
+    with pytest.raises(UnsafeInputError):
+        service.inspect(script)
+    outside = tmp_path / "model.safetensors"
+    shutil.copy(WEIGHTS_DIR / "chest_xray_patchcore.safetensors", outside)
+    with pytest.raises(UnsafeInputError, match="outside"):
+        service.resolve_model(path=str(outside))
+    with pytest.raises(UnsafeInputError, match="outside"):
+        service.run_batch([], folder=str(tmp_path))
+    assert service.resolve_model(path=str(WEIGHTS_DIR / "chest_xray_patchcore.safetensors")).source == "path"
+    # an allowed root that holds the data folder would scan the demo's own files
+    nested = DemoService(DemoConfig(data_dir=tmp_path / "data", allowed_roots=[tmp_path], device="cpu"))
+    with pytest.raises(UnsafeInputError, match="data folder"):
+        nested.run_batch([], folder=str(tmp_path))
+
+
+def test_batch_from_zip_and_from_allowed_folder_enters_the_queue(
+    service: DemoService, allowed: Path, tmp_path: Path
+) -> None:
+    archive = tmp_path / "batch.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in EXAMPLES:
+            zf.write(path, f"study/{path.name}")
+        zf.writestr("study/readme.txt", "not an image")
+    seen = []
+    result = service.run_batch([str(archive)], progress=lambda f, d: seen.append(f))
+    assert result.n_files == result.n_scored == len(EXAMPLES) and result.n_errors == 0
+    assert seen[-1] == 1.0 and any("non-image" in n for n in result.notes)
+    scores = [r["score"] for r in result.rows]
+    assert scores == sorted(scores, reverse=True)
+    assert all(Path(r["overlay_abs"]).is_relative_to(service.config.media_dir) for r in result.rows)
+    assert result.csv_path.is_file()
+    batch_items = service.store.queue(source=f"batch:{result.batch_id}")
+    assert len(batch_items) == len(EXAMPLES)
+
+    folder = service.run_batch([], folder=str(allowed / "cases"))
+    assert folder.n_scored == 3
+    assert {Path(i.image_path).parent for i in service.store.queue(source=f"batch:{folder.batch_id}")} == {
+        (allowed / "cases").resolve()
+    }
+    item = service.store.queue(source=f"batch:{folder.batch_id}")[0]
+    assert service.display_image(item.image_path).shape == (224, 224, 3)
+
+
+def test_learn_builds_a_model_offered_in_the_model_list(service: DemoService) -> None:
+    from imaging_ad.detectors import load_detector
+
+    entry = service.learn([str(p) for p in EXAMPLES], None, "dfm", "my model", image_size=96)
+    assert entry.source == "user" and entry.name == "my_model"
+    assert entry.label in service.model_labels()
+    assert load_detector(entry.path, device="cpu").image_size == 96
+    with pytest.raises(ValueError, match="only PatchCore"):  # no memory bank to add reviewed normals to
+        feedback.extend_patchcore_bank(entry.path, [EXAMPLES[0]], service.config.models_dir / "x.safetensors")
+    with pytest.raises(ValueError, match="exists already"):
+        service.learn([str(p) for p in EXAMPLES], None, "dfm", "my model", image_size=96)
+    with pytest.raises(ValueError, match="at least 5"):
+        service.learn([str(p) for p in EXAMPLES[:3]], None, "dfm", "small", image_size=96)
+
+
+def test_cli_has_the_demo_command(capsys: pytest.CaptureFixture[str]) -> None:
+    from imaging_ad.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--allowed-root" in out and "127.0.0.1" in out
