@@ -137,7 +137,11 @@ def build_app(service: DemoService) -> gr.Blocks:
         else "Reading server folders is off (start with --allowed-root DIR to allow it)."
     )
 
-    with gr.Blocks(title="imaging_ad: anomaly detection demo", analytics_enabled=False) as app:
+    # Gradio's cache (uploads, rendered outputs) is transient: what lasts is in the media folder. Clear
+    # files older than a day every hour so a long-running demo does not fill the disk.
+    with gr.Blocks(
+        title="imaging_ad: anomaly detection demo", analytics_enabled=False, delete_cache=(3600, 86400)
+    ) as app:
         gr.Markdown(
             "# imaging_ad — anomaly detection from normal images\n"
             "Score an image, review the queue, scan a batch, build a model from your own normal images, "

@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts" / "demo"
 EXAMPLES = REPO / "demo" / "examples"
 PNEUMONIA = EXAMPLES / "pneumonia_person11_virus_38.jpeg"
+WARM_UP = EXAMPLES / "normal_IM-0011-0001.jpeg"
 
 if not CHROMIUM.exists():
     pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)", allow_module_level=True)
@@ -128,16 +129,31 @@ def test_demo_in_a_browser(tmp_path: Path) -> None:
                 page.goto(url)
                 page.wait_for_selector("#inspect-upload input[type=file]", state="attached", timeout=30_000)
 
-                # Inspect: upload -> score and heatmap
-                start = time.perf_counter()
-                page.set_input_files("#inspect-upload input[type=file]", str(PNEUMONIA))
-                page.wait_for_selector("#inspect-score", timeout=30_000)
-                page.wait_for_selector("#inspect-heatmap img", timeout=30_000)
-                click_to_result = time.perf_counter() - start
-                served = re.search(r"\((\d+) ms to read and score\)", page.inner_text("#inspect-result"))
+                # Inspect: upload -> score and heatmap. A first upload warms the page and the server
+                # (first event, connection); the second is the one timed.
+                timings = []
+                for example in (WARM_UP, PNEUMONIA):
+                    clear = page.locator("#inspect-upload button[aria-label='Clear']")
+                    if clear.count():
+                        clear.first.click()
+                        page.wait_for_function("!document.querySelector('#inspect-score')", timeout=10_000)
+                    start = time.perf_counter()
+                    page.set_input_files("#inspect-upload input[type=file]", str(example))
+                    page.wait_for_function(
+                        f"document.querySelector('#inspect-result').innerText.includes('{example.name}')",
+                        timeout=30_000,
+                    )
+                    page.wait_for_function(
+                        "(() => { const i = document.querySelector('#inspect-heatmap img');"
+                        " return i && i.complete && i.naturalWidth > 0; })()",
+                        timeout=30_000,
+                    )
+                    served = re.search(r"\((\d+) ms to read and score\)", page.inner_text("#inspect-result"))
+                    timings.append((time.perf_counter() - start, int(served.group(1))))
                 print(
-                    f"inspect click-to-result in the browser: {click_to_result * 1000:.0f} ms "
-                    f"(read + score on the server: {served.group(1)} ms)"
+                    "inspect upload-to-result in the browser: "
+                    + ", ".join(f"{b * 1000:.0f} ms (server read + score {s} ms)" for b, s in timings)
+                    + " (first, then warm)"
                 )
                 score = float(page.inner_text("#inspect-score"))
                 assert score > 0
@@ -159,13 +175,15 @@ def test_demo_in_a_browser(tmp_path: Path) -> None:
                 # Review: name, then the 'a' key records "anomalous"
                 _open_tab(page, "review", "#review-anomalous")
                 page.wait_for_selector("#review-item-id", timeout=30_000)
-                assert "0 of 1 reviewed" in page.inner_text("#review-progress")
+                assert "0 of 2 reviewed" in page.inner_text("#review-progress")
+                # the highest score opens first: the pneumonia example
+                assert PNEUMONIA.name in page.inner_text("#review-item")
                 page.locator("#review-reviewer textarea, #review-reviewer input").first.fill("e2e reviewer")
                 page.locator("#review-note textarea, #review-note input").first.fill("right lower zone")
                 page.click("#review-progress")  # leave the text field: shortcuts are off while typing
                 page.keyboard.press("a")
                 page.wait_for_function(
-                    "document.querySelector('#review-progress').innerText.includes('1 of 1 reviewed')",
+                    "document.querySelector('#review-progress').innerText.includes('1 of 2 reviewed')",
                     timeout=20_000,
                 )
                 assert _verdicts(data_dir) == [
@@ -205,7 +223,7 @@ def test_demo_in_a_browser(tmp_path: Path) -> None:
                 page.goto(url)
                 _open_tab(page, "review", "#review-anomalous")
                 page.wait_for_selector("#review-item-id", timeout=30_000)
-                assert "1 of 3 reviewed" in page.inner_text("#review-progress")
+                assert "1 of 4 reviewed" in page.inner_text("#review-progress")
                 page.locator("#review-queue").get_by_text(PNEUMONIA.name).first.click()  # its queue row
                 page.wait_for_function(
                     "document.querySelector('#review-item').innerText.includes('latest verdict anomalous by e2e reviewer')",
