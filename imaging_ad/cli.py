@@ -4,6 +4,7 @@ imaging-ad dataset DATA                      what discovery finds
 imaging-ad fit DATA --detector patchcore --out MODEL
 imaging-ad evaluate MODEL DATA [--json PATH] [--plots DIR]
 imaging-ad predict MODEL IMAGE_OR_DIR... [--heatmaps DIR] [--json PATH]
+imaging-ad export MODEL --format onnx|torchscript --out PATH   one graph + JSON sidecar
 imaging-ad info IMAGE...                     what the reader sees in a file
 imaging-ad backbones                         backbones available offline
 imaging-ad demo [--host H] [--port P] [--data-dir D] [--allowed-root DIR]   the Gradio web demo
@@ -76,12 +77,19 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_evaluate)
 
     p = sub.add_parser("predict", help="score images or folders of images")
-    p.add_argument("model")
+    p.add_argument("model", help="checkpoint (.safetensors) or exported model (.onnx, .pt/.ts + its .json)")
     p.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
     p.add_argument("--heatmaps", default=None, help="write heatmap overlays (PNG) here")
     p.add_argument("--json", default=None, help="write results to this JSON file")
     p.add_argument("--device", default="auto")
     p.set_defaults(run=_predict)
+
+    p = sub.add_parser("export", help="export a fitted model to ONNX or TorchScript, with a JSON sidecar")
+    p.add_argument("model", help="fitted model file (.safetensors)")
+    p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
+    p.add_argument("--out", required=True, help="file to write (.onnx, .pt); the sidecar is OUT.json")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
+    p.set_defaults(run=_export)
 
     p = sub.add_parser(
         "scan", help="score every image in a folder (resumable); results.csv/.jsonl, overlays, report.html"
@@ -191,11 +199,16 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from imaging_ad.detectors import load_detector
+    from imaging_ad.export.runtime import is_exported_model, load_exported
     from imaging_ad.io import read_image
     from imaging_ad.visualize import overlay, save_png
 
-    detector = load_detector(Path(args.model), device=args.device)
+    if is_exported_model(args.model):  # ONNX runs without torch: import no detector code for it
+        detector = load_exported(args.model, device=args.device)
+    else:
+        from imaging_ad.detectors import load_detector
+
+        detector = load_detector(Path(args.model), device=args.device)
     paths = _expand_inputs(args.inputs)
     if not paths:
         raise ValueError("no image files found in the given inputs")
@@ -231,6 +244,19 @@ def _predict(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from imaging_ad.export import export_model
+
+    files = export_model(args.model, args.out, args.format, opset=args.opset)
+    check = files.verification
+    print(
+        f"exported {files.format} to {files.model} (sidecar {files.sidecar}); checked against the model: "
+        f"scores within {check['max_score_relative_difference']:.1e} relative, heatmaps within "
+        f"{check['max_heatmap_difference_relative_to_max']:.1e} of their maximum"
+    )
     return 0
 
 

@@ -1,0 +1,171 @@
+"""The preprocessing of :class:`imaging_ad.preprocess.Preprocessor` in numpy and OpenCV only.
+
+An exported model takes the *preprocessed* tensor, so wherever it runs without torch (and without
+albumentations) the same pipeline must be rebuilt from the JSON sidecar. Every step below mirrors
+``Preprocessor`` and the albumentations transforms it composes (albumentations 2.0):
+
+- intensity scaling: identical code to ``Preprocessor.scale_intensity``;
+- CLAHE: 8-bit OpenCV CLAHE, on the L channel of LAB for colour images (``A.CLAHE``);
+- ``A.Resize`` ("stretch"): INTER_AREA whenever either side shrinks, else the backbone's interpolation;
+- ``A.LongestMaxSize`` + ``A.PadIfNeeded`` ("letterbox"): scale the long side, ``round`` the other, INTER_AREA
+  when shrinking, then zero padding with the odd pixel at the bottom/right;
+- grayscale to three channels, then ``(x - mean) * (1 / std)`` in float32.
+
+``tests/test_export.py`` checks the output against ``Preprocessor`` to 1e-6 over every mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+import cv2
+import numpy as np
+
+from imaging_ad.io.record import ImageRecord
+
+ASPECT_MODES = ("stretch", "letterbox")
+INTENSITY_MODES = ("auto", "robust", "percentile", "full_range")
+_ROBUST_SPAN = 3.0  # as imaging_ad.preprocess._ROBUST_SPAN
+_INTERPOLATION = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC, "nearest": cv2.INTER_NEAREST}
+_CLAHE_TILES = (8, 8)
+
+
+@dataclass(frozen=True)
+class NumpyPreprocessor:
+    """Image record or array -> (3, S, S) float32 array, equal to ``Preprocessor(record).numpy()``."""
+
+    image_size: int = 256
+    aspect: str = "stretch"
+    intensity: str = "auto"
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    clahe: bool = False
+    clahe_clip_limit: float = 2.0
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    interpolation: str = "bicubic"
+
+    def __post_init__(self) -> None:
+        if self.aspect not in ASPECT_MODES:
+            raise ValueError(f"aspect must be one of {ASPECT_MODES}, got {self.aspect!r}")
+        if self.intensity not in INTENSITY_MODES:
+            raise ValueError(f"intensity must be one of {INTENSITY_MODES}, got {self.intensity!r}")
+        if self.interpolation not in _INTERPOLATION:
+            raise ValueError(
+                f"interpolation must be one of {tuple(_INTERPOLATION)}, got {self.interpolation!r}"
+            )
+        for name in ("percentiles", "mean", "std"):
+            object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> NumpyPreprocessor:
+        """From ``Preprocessor.to_dict()`` (the sidecar's ``preprocessing``); unknown keys are refused, since
+        a setting this runtime does not know would silently change the input."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown preprocessing settings {sorted(unknown)}; update imaging_ad")
+        return cls(**data)
+
+    # -- the steps (same order as Preprocessor.__call__) ------------------------------------------
+
+    def __call__(self, record: ImageRecord | np.ndarray) -> np.ndarray:
+        image = self.scale_intensity(record)
+        if image.ndim == 3 and image.shape[2] == 1:
+            image = image[..., 0]
+        if self.clahe:
+            image = self._apply_clahe(image)
+        image = self._resize(image)
+        if image.ndim == 2:
+            image = np.repeat(image[..., None], 3, axis=2)
+        mean = np.asarray(self.mean, dtype=np.float32)
+        inverse_std = np.reciprocal(np.asarray(self.std, dtype=np.float32))
+        image = (image - mean) * inverse_std
+        return np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)
+
+    def batch(self, records: Sequence[ImageRecord | np.ndarray]) -> np.ndarray:
+        """Several images -> (B, 3, S, S) float32."""
+        return (
+            np.stack([self(r) for r in records])
+            if records
+            else np.zeros((0, 3, self.image_size, self.image_size), np.float32)
+        )
+
+    def scale_intensity(self, record: ImageRecord | np.ndarray) -> np.ndarray:
+        """Pixels -> float32 in [0, 1], same shape (as ``Preprocessor.scale_intensity``)."""
+        pixels, meta = (record.pixels, record.meta) if isinstance(record, ImageRecord) else (record, None)
+        low, high = self._intensity_range(pixels, meta)
+        scale = float(high - low) if high > low else 1.0
+        return np.clip((pixels.astype(np.float32) - float(low)) / scale, 0.0, 1.0)
+
+    def _intensity_range(self, pixels: np.ndarray, meta) -> tuple[float, float]:
+        if self.intensity == "percentile":
+            return tuple(np.percentile(pixels, self.percentiles))
+        if self.intensity == "robust":
+            sample = pixels[::2, ::2] if pixels.size > 65536 else pixels
+            q25, median, q75 = np.percentile(sample, (25, 50, 75))
+            spread = max((q75 - q25) / 1.349, 1e-6)
+            return median - _ROBUST_SPAN * spread, median + _ROBUST_SPAN * spread
+        if meta is not None and meta.voi_applied and meta.value_range is not None:
+            return meta.value_range
+        if self.intensity == "full_range" or pixels.dtype == np.uint8:
+            if meta is not None and meta.value_range is not None:
+                return meta.value_range
+            if np.issubdtype(pixels.dtype, np.integer):
+                return float(np.iinfo(pixels.dtype).min), float(np.iinfo(pixels.dtype).max)
+        if np.issubdtype(pixels.dtype, np.floating) and pixels.min() >= 0.0 and pixels.max() <= 1.0:
+            return 0.0, 1.0
+        return tuple(np.percentile(pixels, self.percentiles))
+
+    def _apply_clahe(self, image: np.ndarray) -> np.ndarray:
+        as_uint8 = np.round(image * 255).astype(np.uint8)
+        clahe = cv2.createCLAHE(clipLimit=self.clahe_clip_limit, tileGridSize=_CLAHE_TILES)
+        if as_uint8.ndim == 2:
+            out = clahe.apply(as_uint8)
+        else:  # colour: equalise lightness only, as albumentations does
+            lab = cv2.cvtColor(as_uint8, cv2.COLOR_RGB2LAB)
+            lab[:, :, 0] = clahe.apply(lab[:, :, 0])
+            out = cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
+        return out.astype(np.float32) / 255.0
+
+    def _resize(self, image: np.ndarray) -> np.ndarray:
+        height, width = image.shape[:2]
+        size = self.image_size
+        interpolation = _INTERPOLATION[self.interpolation]
+        if self.aspect == "stretch":
+            shrinks = size < height or size < width
+            return _cv2_resize(image, (size, size), cv2.INTER_AREA if shrinks else interpolation)
+        scale = size / max(height, width)
+        new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
+        image = _cv2_resize(image, (new_h, new_w), cv2.INTER_AREA if scale < 1.0 else interpolation)
+        top, left = int((size - new_h) / 2.0), int((size - new_w) / 2.0)
+        pad = ((top, size - new_h - top), (left, size - new_w - left)) + ((0, 0),) * (image.ndim - 2)
+        return np.pad(image, pad, mode="constant", constant_values=0)
+
+    # -- geometry ---------------------------------------------------------------------------------
+
+    def content_box(self, original_size: tuple[int, int]) -> tuple[int, int, int, int]:
+        """(top, left, height, width) of the image inside the square model input."""
+        height, width = original_size
+        size = self.image_size
+        if self.aspect == "stretch":
+            return 0, 0, size, size
+        scale = size / max(height, width)
+        new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
+        return (size - new_h) // 2, (size - new_w) // 2, new_h, new_w
+
+    def heatmap_to_original(self, heatmap: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
+        """Model-input heatmap -> float32 heatmap at ``original_size`` (as ``Preprocessor.heatmap_to_original``)."""
+        heatmap = np.asarray(heatmap, dtype=np.float32)
+        if heatmap.shape != (self.image_size, self.image_size):
+            heatmap = cv2.resize(heatmap, (self.image_size, self.image_size), interpolation=cv2.INTER_LINEAR)
+        top, left, height, width = self.content_box(original_size)
+        content = heatmap[top : top + height, left : left + width]
+        out_h, out_w = original_size
+        return cv2.resize(content, (out_w, out_h), interpolation=cv2.INTER_LINEAR)
+
+
+def _cv2_resize(image: np.ndarray, shape: tuple[int, int], interpolation: int) -> np.ndarray:
+    if image.shape[:2] == shape:  # albumentations returns the input unchanged
+        return image
+    return cv2.resize(image, (shape[1], shape[0]), interpolation=interpolation)

@@ -1,0 +1,202 @@
+"""Run an exported model from image files with numpy, OpenCV/PIL/pydicom (the image reader) and
+onnxruntime only — no torch, timm or albumentations — so it works on a machine that has just those.
+
+    from imaging_ad.export.runtime import load_exported
+    model = load_exported("tiles.onnx")          # reads tiles.onnx.json, checks the SHA-256
+    results = model.predict(["a.png", "b.dcm"])  # score, normalized_score, is_anomaly, heatmap, path
+
+Results match the checkpoint's ``predict``: the same reader, the same preprocessing (rebuilt from the
+sidecar, see :mod:`imaging_ad.export.preprocessing`), the same thresholds, heatmaps at each image's
+original size. TorchScript files run through torch (imported only for them).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from imaging_ad.calibration import Calibration
+from imaging_ad.export.errors import ExportedModelError
+from imaging_ad.export.preprocessing import NumpyPreprocessor
+from imaging_ad.export.sidecar import file_sha256, is_exported_model, read_sidecar
+from imaging_ad.io import ImageRecord, read_image
+
+__all__ = ["ExportedModel", "ExportedResult", "OnnxBackend", "is_exported_model", "load_exported"]
+
+
+@dataclass
+class ExportedResult:
+    """One image's verdict, as :class:`imaging_ad.detectors.AnomalyResult` (which needs torch to import)."""
+
+    score: float
+    normalized_score: float
+    is_anomaly: bool
+    heatmap: np.ndarray
+    path: str | None = None
+
+    def anomaly_mask(self, pixel_threshold: float) -> np.ndarray:
+        return self.heatmap >= pixel_threshold
+
+
+class Backend(Protocol):
+    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+class OnnxBackend:
+    """onnxruntime session: (B, 3, S, S) float32 -> (scores (B,), heatmaps (B, S, S))."""
+
+    def __init__(self, path: Path, device: str = "auto", threads: int | None = None) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise RuntimeError(
+                "running an ONNX model needs onnxruntime: pip install onnxruntime (or imaging-ad[export])"
+            ) from exc
+        available = ort.get_available_providers()
+        if device == "cuda" and "CUDAExecutionProvider" not in available:
+            raise RuntimeError(
+                "device='cuda' was asked for but onnxruntime has no CUDA provider here "
+                "(install onnxruntime-gpu); use device='cpu' or 'auto'"
+            )
+        use_cuda = device in ("cuda", "auto") and "CUDAExecutionProvider" in available
+        providers = (["CUDAExecutionProvider"] if use_cuda else []) + ["CPUExecutionProvider"]
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        scores, heatmaps = self.session.run(None, {self.input_name: np.ascontiguousarray(batch, np.float32)})
+        return scores, heatmaps
+
+
+#: sidecar ``model_format`` -> "module:class" of its backend, imported on use (torch only for TorchScript)
+BACKENDS = {
+    "onnx": "imaging_ad.export.runtime:OnnxBackend",
+    "torchscript": "imaging_ad.export.torchscript:TorchScriptBackend",
+}
+
+
+class ExportedModel:
+    """An exported model with its sidecar: preprocessing, calibration, and a backend to run the graph.
+
+    Offers what ``imaging-ad predict`` uses of a detector: ``predict``, ``calibration_``, ``batch_size``.
+    """
+
+    def __init__(self, path: Path, description: dict, backend: Backend) -> None:
+        self.path = path
+        self.description = description
+        self.backend = backend
+        self.name: str = description["detector"]
+        self.preprocessor = NumpyPreprocessor.from_dict(description["preprocessing"])
+        self.calibration_ = Calibration.from_dict(description["calibration"])
+        self.batch_size: int = int(description.get("params", {}).get("batch_size", 16))
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike,
+        device: str = "auto",
+        threads: int | None = None,
+        verify_checksum: bool = True,
+    ) -> ExportedModel:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: exported model file does not exist")
+        description = read_sidecar(path)
+        if verify_checksum and file_sha256(path) != description.get("model_sha256"):
+            raise ExportedModelError(
+                f"{path}: checksum mismatch with its sidecar: the file was modified, damaged or swapped"
+            )
+        spec = BACKENDS.get(description.get("model_format", ""))
+        if spec is None:
+            raise ExportedModelError(f"{path}: unknown model format {description.get('model_format')!r}")
+        module, name = spec.split(":")
+        backend_class = getattr(importlib.import_module(module), name)
+        kwargs: dict[str, Any] = {"device": device}
+        if threads and backend_class is OnnxBackend:
+            kwargs["threads"] = threads
+        return cls(path, description, backend_class(path, **kwargs))
+
+    @property
+    def image_size(self) -> int:
+        return self.preprocessor.image_size
+
+    def score_batch(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Preprocessed ``(B, 3, S, S)`` -> (scores, heatmaps at model-input size, smoothed)."""
+        scores, heatmaps = self.backend(np.asarray(batch, dtype=np.float32))
+        return np.asarray(scores, np.float32), np.asarray(heatmaps, np.float32)
+
+    def predict(self, images: Sequence[Any] | Any) -> list[ExportedResult]:
+        """Score images (paths, :class:`ImageRecord`, arrays, or anything with ``.path``); heatmaps at each
+        image's original size, verdicts from the sidecar's calibration."""
+        if isinstance(images, (str, os.PathLike, np.ndarray, ImageRecord)):
+            images = [images]
+        items = list(images)
+        step = max(self.batch_size, 1)
+        chunks = [items[start : start + step] for start in range(0, len(items), step)]
+        results: list[ExportedResult] = []
+        # read and preprocess the next batch in a thread while the model runs (OpenCV and numpy release
+        # the GIL), as the checkpoint's predict does
+        with ThreadPoolExecutor(max_workers=1) as reader:
+            pending = reader.submit(self._prepare, chunks[0]) if chunks else None
+            for index, chunk in enumerate(chunks):
+                records, batch = pending.result()
+                if index + 1 < len(chunks):
+                    pending = reader.submit(self._prepare, chunks[index + 1])
+                scores, heatmaps = self.score_batch(batch)
+                normalized = self.calibration_.normalize(scores)
+                for item, record, score, norm, heatmap in zip(
+                    chunk, records, scores, normalized, heatmaps, strict=True
+                ):
+                    size = record.meta.size if isinstance(record, ImageRecord) else tuple(record.shape[:2])
+                    results.append(
+                        ExportedResult(
+                            score=float(score),
+                            normalized_score=float(norm),
+                            is_anomaly=bool(score > self.calibration_.image_threshold),
+                            heatmap=self.preprocessor.heatmap_to_original(heatmap, size),
+                            path=_item_path(item),
+                        )
+                    )
+        return results
+
+    def _prepare(self, chunk: list) -> tuple[list, np.ndarray]:
+        records = [_to_record(item) for item in chunk]
+        return records, self.preprocessor.batch(records)
+
+    def __repr__(self) -> str:
+        return f"ExportedModel({self.name}, {self.description.get('model_format')}, {self.path})"
+
+
+def load_exported(
+    path: str | os.PathLike, device: str = "auto", threads: int | None = None, verify_checksum: bool = True
+) -> ExportedModel:
+    """Load an exported model (``.onnx``, or TorchScript ``.pt``/``.ts``) with its ``<file>.json`` sidecar."""
+    return ExportedModel.load(path, device=device, threads=threads, verify_checksum=verify_checksum)
+
+
+def _to_record(item: Any) -> ImageRecord | np.ndarray:
+    if isinstance(item, (ImageRecord, np.ndarray)):
+        return item
+    if isinstance(item, (str, os.PathLike)):
+        return read_image(item)
+    if hasattr(item, "path"):
+        return read_image(item.path)
+    raise TypeError(f"cannot read an image from {type(item).__name__}; give a path, ImageRecord or array")
+
+
+def _item_path(item: Any) -> str | None:
+    if isinstance(item, (str, os.PathLike)):
+        return str(item)
+    if isinstance(item, ImageRecord):
+        return item.meta.path
+    return str(item.path) if hasattr(item, "path") else None
