@@ -1,9 +1,11 @@
 """Ensemble plumbing: one data pass feeds every member; bad member lists are refused."""
 
+import numpy as np
 import pytest
 
 from imaging_ad.detectors import create_detector
 from imaging_ad.detectors.ensemble import _fan_out
+from tests.synthetic import texture
 
 
 def test_fan_out_gives_every_consumer_every_batch_once():
@@ -43,3 +45,23 @@ def test_members_share_one_backbone_pass_over_the_union_of_their_stages():
 def test_bad_member_lists_are_refused(members):
     with pytest.raises(ValueError, match="two or more different registered detectors"):
         create_detector("ensemble", members=members)
+
+
+def test_padim_member_picks_channels_from_its_own_stages(textures_small):
+    normals, probe = textures_small
+    ensemble = create_detector(
+        "ensemble",
+        members=["patchcore", "padim"],
+        image_size=64,
+        batch_size=8,
+        progress=False,
+        holdout_fraction=0.25,
+    ).fit(normals)
+    result = ensemble.predict([probe])[0]
+    assert result.heatmap.shape == probe.shape[:2] and np.isfinite(result.score)
+
+
+@pytest.fixture
+def textures_small():
+    rng = np.random.default_rng(1)
+    return [texture(rng, 64, 64) for _ in range(12)], texture(rng, 50, 70)

@@ -46,7 +46,10 @@ class PaDiM(Detector):
         return embedding[:, self.channel_index_.to(embedding.device)]
 
     def _fit_stream(self, batches: Iterator[list[torch.Tensor]], n_images: int) -> None:
-        total_channels = sum(self.extractor_.info.channels)
+        info = self.extractor_.info  # may be shared with other detectors reading more stages (ensemble)
+        total_channels = sum(
+            c for c, r in zip(info.channels, info.reductions, strict=True) if r in self.feature_strides
+        )
         generator = torch.Generator().manual_seed(self.seed)
         d = min(self.n_features, total_channels)
         self.channel_index_ = torch.randperm(total_channels, generator=generator)[:d].sort().values
