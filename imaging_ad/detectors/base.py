@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from imaging_ad.backbones import DEFAULT_BACKBONE, FeatureExtractor, create_backbone
 from imaging_ad.calibration import Calibration, calibrate
-from imaging_ad.detectors.inputs import Batch, ImageInput, PreprocessedImages, collate, prefetch
+from imaging_ad.detectors.inputs import Augmentation, Batch, ImageInput, PreprocessedImages, collate, prefetch
 from imaging_ad.preprocess import Preprocessor
 
 # Enough normal pixels for a stable 99th percentile without keeping whole heatmaps.
@@ -93,9 +93,10 @@ class Detector(ABC):
 
     # -- hooks for subclasses -------------------------------------------------------------------
 
-    @abstractmethod
     def _fit_stream(self, batches: Iterator[list[torch.Tensor]], n_images: int) -> None:
-        """Consume batches of feature maps of normal images (on ``self.device_``) and set learned state."""
+        """Consume batches of feature maps of normal images (on ``self.device_``) and set learned state.
+        Detectors that learn otherwise (several epochs of training) override :meth:`_fit_images` instead."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither _fit_stream nor _fit_images")
 
     @abstractmethod
     def _score(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,9 +146,14 @@ class Detector(ABC):
         if len(train) < 1:
             raise ValueError("fit needs at least one normal training image")
         self._setup()
-        self._fit_stream(self._feature_batches(train, desc=f"{self.name}: fit"), len(train))
+        self._fit_images(train)
         self.calibration_ = self._calibrate(held_out)
         return self
+
+    def _fit_images(self, train: list[ImageInput]) -> None:
+        """Learn from the training images (calibration images already set aside): one streamed pass of
+        feature batches by default; detectors that train a network over several epochs override this."""
+        self._fit_stream(self._feature_batches(train, desc=f"{self.name}: fit"), len(train))
 
     def _split_holdout(self, images: list[ImageInput]) -> tuple[list[ImageInput], list[ImageInput]]:
         n_holdout = max(2, math.ceil(len(images) * self.holdout_fraction)) if self.holdout_fraction > 0 else 0
@@ -240,8 +246,8 @@ class Detector(ABC):
             intensity=self.intensity,
         )
 
-    def _loader(self, images: list[ImageInput]) -> DataLoader:
-        dataset = PreprocessedImages(images, self.preprocessor_)
+    def _loader(self, images: list[ImageInput], augment: Augmentation | None = None) -> DataLoader:
+        dataset = PreprocessedImages(images, self.preprocessor_, augment)
         workers = min(self.num_workers, max(0, len(images) // self.batch_size))
         return DataLoader(
             dataset,
@@ -252,9 +258,9 @@ class Detector(ABC):
             persistent_workers=False,
         )
 
-    def _batches(self, images: list[ImageInput]) -> Iterator[Batch]:
+    def _batches(self, images: list[ImageInput], augment: Augmentation | None = None) -> Iterator[Batch]:
         """Preprocessed batches; read ahead in a thread unless worker processes already do it."""
-        loader = self._loader(images)
+        loader = self._loader(images, augment)
         return iter(loader) if loader.num_workers > 0 else prefetch(loader)
 
     def _feature_batches(self, images: list[ImageInput], desc: str) -> Iterator[list[torch.Tensor]]:

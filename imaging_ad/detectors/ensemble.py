@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from imaging_ad.detectors.base import Detector
 from imaging_ad.detectors.inputs import ImageInput
 from imaging_ad.detectors.registry import DETECTORS, register_detector
+from imaging_ad.detectors.trained import ImageSpaceDetector, TrainedDetector
 
 _BASE_PARAMS = (
     "backbone", "backbone_weights", "pretrained", "image_size", "aspect", "clahe", "intensity",
@@ -47,6 +48,12 @@ class Ensemble(Detector):
                 f"an ensemble needs two or more different registered detectors, got {self.members} "
                 f"(registered: {sorted(set(DETECTORS) - {'ensemble'})})"
             )
+        pixel_models = [m for m in self.members if issubclass(DETECTORS[m], ImageSpaceDetector)]
+        if pixel_models:
+            raise ValueError(
+                f"{', '.join(pixel_models)} model pixels, not backbone features, so cannot share the "
+                "ensemble's backbone pass; combine feature-based detectors"
+            )
         shared = {name: getattr(self, name) for name in _BASE_PARAMS}
         self.members_: list[Detector] = [
             DETECTORS[m](**{**shared, **self.member_params.get(m, {}), "progress": False})
@@ -61,22 +68,43 @@ class Ensemble(Detector):
 
     def _setup(self) -> None:
         super()._setup()
-        for member in self.members_:
+        for i, member in enumerate(self.members_):
             member.device_ = self.device_
             member.extractor_ = self.extractor_
             member.preprocessor_ = self.preprocessor_
+            if isinstance(member, TrainedDetector):
+                # it reads its own training passes; give it only its stages of the shared extractor
+                member._extract = lambda images, i=i: self._member_features(
+                    Detector._extract(self, images), i
+                )
 
     def _member_features(self, features: list[torch.Tensor], i: int) -> list[torch.Tensor]:
         return [features[p] for p in self._positions[i]]
 
     # -- fit ------------------------------------------------------------------------------------
 
-    def _fit_stream(self, batches: Iterator[list[torch.Tensor]], n_images: int) -> None:
+    def _fit_images(self, train: list[ImageInput]) -> None:
+        """Streaming members share one backbone pass; trained members (feature autoencoders) then cache
+        their own, possibly augmented, passes and train."""
+        streaming = [(i, m) for i, m in enumerate(self.members_) if not isinstance(m, TrainedDetector)]
+        if streaming:
+            self._fit_members_in_one_pass(
+                self._feature_batches(train, desc=f"{self.name}: fit"), len(train), streaming
+            )
+        for member in self.members_:
+            if isinstance(member, TrainedDetector):
+                member.progress = self.progress
+                member._fit_images(train)
+                member.progress = False
+
+    def _fit_members_in_one_pass(
+        self, batches: Iterator[list[torch.Tensor]], n_images: int, members: list[tuple[int, Detector]]
+    ) -> None:
         consumers = [
             (lambda stream, i=i, member=member: member._fit_stream(
                 (self._member_features(f, i) for f in stream), n_images
             ))
-            for i, member in enumerate(self.members_)
+            for i, member in members
         ]  # fmt: skip
         _fan_out(batches, consumers)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -18,6 +18,8 @@ from imaging_ad.preprocess import Preprocessor
 
 #: a path, a decoded record, an array (HxW or HxWxC), or anything with a ``.path`` (a dataset Sample)
 ImageInput = str | os.PathLike | ImageRecord | np.ndarray | Any
+#: a random transform of one preprocessed (3, S, S) image tensor, used when training networks
+Augmentation = Callable[[torch.Tensor], torch.Tensor]
 
 
 def to_record(item: ImageInput) -> ImageRecord | np.ndarray:
@@ -48,9 +50,12 @@ class Batch:
 class PreprocessedImages(Dataset):
     """Reads and preprocesses lazily, so only one batch of pixels is in memory at a time."""
 
-    def __init__(self, items: list[ImageInput], preprocessor: Preprocessor) -> None:
+    def __init__(
+        self, items: list[ImageInput], preprocessor: Preprocessor, augment: Augmentation | None = None
+    ) -> None:
         self.items = items
         self.preprocessor = preprocessor
+        self.augment = augment
 
     def __len__(self) -> int:
         return len(self.items)
@@ -59,7 +64,10 @@ class PreprocessedImages(Dataset):
         item = self.items[index]
         record = to_record(item)
         size = record.meta.size if isinstance(record, ImageRecord) else tuple(record.shape[:2])
-        return self.preprocessor(record), size, item_path(item)
+        image = self.preprocessor(record)
+        if self.augment is not None:
+            image = self.augment(image)
+        return image, size, item_path(item)
 
 
 def collate(samples: list[tuple[torch.Tensor, tuple[int, int], str | None]]) -> Batch:

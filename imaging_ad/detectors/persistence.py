@@ -102,7 +102,9 @@ def load_detector(path: Path, device: str = "auto") -> Detector:
     description = read_description(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+            # cloned into torch's own (aligned) allocations: BLAS kernels may take another path on the
+            # file buffer's alignment, and loaded models must score bit-identically to the saved ones
+            tensors = {key: handle.get_tensor(key).clone() for key in handle.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise ModelFileError(f"{path}: tensor data cannot be read (truncated or corrupt?): {exc}") from exc
     expected = description.pop("sha256", None)
@@ -143,6 +145,8 @@ def _digest(description: dict, tensors: dict[str, torch.Tensor]) -> str:
         tensor = tensors[key].contiguous()
         digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
         digest.update(
-            np.ascontiguousarray(tensor.view(torch.uint8).numpy() if tensor.numel() else b"").tobytes()
+            np.ascontiguousarray(
+                tensor.reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b""
+            ).tobytes()
         )
     return digest.hexdigest()

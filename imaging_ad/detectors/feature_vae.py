@@ -1,0 +1,64 @@
+"""Variational autoencoder in feature space.
+
+Why feature space: a pixel-space VAE's reconstructions are blurry, and that blur error swamps small
+defects; on the backbone's standardised feature maps the reconstruction is compared on what the
+image *contains*, and the network is small enough to train on a CPU in minutes. The encoder gives a
+Gaussian per bottleneck position; training maximises the evidence lower bound (reconstruction error
+plus ``beta`` times the KL divergence from a standard normal). The image score adds the KL term to the
+reconstruction score — an image whose code is improbable is suspect even if it reconstructs well —
+and the heatmap is the reconstruction error of the mean code.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from imaging_ad.detectors.feature_autoencoder import (
+    FeatureAutoencoder,
+    FeatureDecoder,
+    FeatureEncoder,
+    top_mean,
+)
+from imaging_ad.detectors.features import patch_grid
+from imaging_ad.detectors.registry import register_detector
+
+
+class FeatureVAENetwork(nn.Module):
+    def __init__(self, channels: int, hidden: int, latent: int) -> None:
+        super().__init__()
+        self.encoder = FeatureEncoder(channels, hidden, 2 * latent)  # mean and log-variance
+        self.decoder = FeatureDecoder(channels, hidden, latent)
+
+    def forward(self, x: torch.Tensor, sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (reconstruction, KL divergence per bottleneck position ``(B, h', w')``)."""
+        mean, log_var = self.encoder(x).chunk(2, dim=1)
+        log_var = log_var.clamp(-10, 10)
+        z = mean + torch.randn_like(mean) * (0.5 * log_var).exp() if sample else mean
+        kl = 0.5 * (mean.pow(2) + log_var.exp() - 1 - log_var).sum(1)
+        return self.decoder(z, x.shape[-2:]), kl
+
+
+@register_detector("feature_vae")
+class FeatureVAE(FeatureAutoencoder):
+    def __init__(self, *, beta: float = 0.01, kl_weight: float = 1.0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.beta = beta
+        self.kl_weight = kl_weight
+
+    def _build_network(self) -> nn.Module:
+        return FeatureVAENetwork(self._channels(), self.hidden_channels, self.latent_channels)
+
+    def _parts(self, x: torch.Tensor, sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (reconstruction error maps ``(B, h, w)``, KL per image, per input channel and position)."""
+        reconstruction, kl = self.network_(x, sample)
+        per_element = kl.flatten(1).mean(1) / x.shape[1]  # same units as the per-element squared error
+        return (reconstruction - x).pow(2).mean(1), per_element
+
+    def _loss(self, batch: torch.Tensor) -> torch.Tensor:
+        errors, kl = self._parts(self._standardise(batch), sample=self.network_.training)
+        return errors.mean() + self.beta * kl.mean()
+
+    def _score(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        errors, kl = self._parts(self._standardise(patch_grid(features).float()), sample=False)
+        return top_mean(errors, self.top_fraction) + self.kl_weight * kl, errors

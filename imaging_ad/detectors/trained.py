@@ -1,0 +1,190 @@
+"""Base for detectors that train a network on normal images (autoencoders, VAE, GANomaly).
+
+Training data is cached once: each training image is read, preprocessed and (for views after the
+first) augmented, then turned into the network's input — backbone features for feature-space models,
+the image itself for image-space ones — and kept on the CPU in float16. Epochs then cost only the
+small network, which is what makes training feasible on a 2-core CPU. ``max_train_images`` bounds
+the cache, so memory does not grow with the folder.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import abstractmethod
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from imaging_ad.detectors.augment import build_augmentation
+from imaging_ad.detectors.base import Detector
+from imaging_ad.detectors.inputs import ImageInput
+from imaging_ad.detectors.training import TrainingHistory, train_network
+
+_NETWORK = "network."
+
+
+class TrainedDetector(Detector):
+    """A :class:`Detector` whose learned state is a network trained with early stopping."""
+
+    def __init__(
+        self,
+        *,
+        epochs: int = 40,
+        learning_rate: float = 1e-3,
+        weight_decay: float = 1e-5,
+        train_batch_size: int = 32,
+        patience: int = 5,
+        augment: str = "light",
+        augmented_views: int = 1,
+        validation_fraction: float = 0.1,
+        max_train_images: int = 2000,
+        max_train_minutes: float | None = 8.0,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.epochs = epochs
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.train_batch_size = train_batch_size
+        self.patience = patience
+        self.augment = augment
+        self.augmented_views = augmented_views
+        self.validation_fraction = validation_fraction
+        self.max_train_images = max_train_images
+        self.max_train_minutes = max_train_minutes
+        build_augmentation(augment, seed=0)  # fail on an unknown name now, not after reading the data
+        self.network_: nn.Module | None = None
+        self.history_: TrainingHistory | None = None
+
+    # -- hooks for subclasses -------------------------------------------------------------------
+
+    @abstractmethod
+    def _build_network(self) -> nn.Module:
+        """A fresh network; its shape may depend on hyperparameters and the backbone, never on data."""
+
+    @abstractmethod
+    def _loss(self, batch: torch.Tensor) -> torch.Tensor:
+        """Mean training loss of a batch of cached inputs (on the device, float32)."""
+
+    def _training_inputs(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """What the network learns from, given what :meth:`_extract` returns for a batch."""
+        return features[0]
+
+    def _prepare(self, train_inputs: torch.Tensor) -> None:
+        """Statistics of the training inputs (e.g. for standardisation), before the network exists."""
+
+    def _extra_state(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def _set_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        pass
+
+    def _configure_optimizers(self) -> None:
+        self.optimizer_ = torch.optim.Adam(
+            self.network_.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay
+        )
+
+    def _train_step(self, batch: torch.Tensor) -> float:
+        self.optimizer_.zero_grad(set_to_none=True)
+        loss = self._loss(batch)
+        loss.backward()
+        self.optimizer_.step()
+        return float(loss.detach())
+
+    def _validation_loss(self, batch: torch.Tensor) -> float:
+        return float(self._loss(batch))
+
+    # -- training -------------------------------------------------------------------------------
+
+    def _fit_images(self, train: list[ImageInput]) -> None:
+        fit_images, validation_images = self._split_validation(train)
+        train_inputs = torch.cat(
+            [
+                self._cache(
+                    fit_images, view, f"{self.name}: features (view {view + 1}/{self.augmented_views})"
+                )
+                for view in range(self.augmented_views)
+            ]
+        )
+        validation_inputs = self._cache(validation_images, 0, f"{self.name}: validation features")
+        self._prepare(train_inputs)
+        torch.manual_seed(self.seed)
+        self.network_ = self._build_network().to(self.device_)
+        self._configure_optimizers()
+        self.history_ = train_network(
+            self.network_,
+            self._train_step,
+            self._validation_loss,
+            train_inputs,
+            validation_inputs,
+            epochs=self.epochs,
+            batch_size=self.train_batch_size,
+            patience=self.patience,
+            device=self.device_,
+            seed=self.seed,
+            max_seconds=None if self.max_train_minutes is None else 60 * self.max_train_minutes,
+            progress=self.progress,
+            desc=f"{self.name}: train",
+        )
+        self.network_.requires_grad_(False)
+        for name in [n for n in vars(self) if n.endswith("optimizer_")]:
+            delattr(self, name)  # optimiser moments are twice the network's size and never used again
+
+    def _split_validation(self, images: list[ImageInput]) -> tuple[list[ImageInput], list[ImageInput]]:
+        """Images to train on and held-out normals for early stopping (not those kept for thresholds)."""
+        rng = np.random.default_rng(self.seed + 1)
+        order = rng.permutation(len(images)).tolist()
+        n_validation = max(1, math.ceil(len(images) * self.validation_fraction))
+        if len(images) - n_validation < 2:
+            raise ValueError(
+                f"{len(images)} training images are too few to hold {n_validation} out for early stopping; "
+                "give more normal images"
+            )
+        validation, train = order[:n_validation], order[n_validation:]
+        if len(train) > self.max_train_images:
+            train = train[: self.max_train_images]  # the order is already random: an even sample
+        return [images[i] for i in sorted(train)], [images[i] for i in sorted(validation)]
+
+    def _cache(self, images: list[ImageInput], view: int, desc: str) -> torch.Tensor:
+        augment = build_augmentation(self.augment, seed=self.seed + view) if view > 0 else None
+        chunks = []
+        with tqdm(total=len(images), desc=desc, unit="img", disable=not self.progress, leave=False) as bar:
+            for batch in self._batches(images, augment):
+                with torch.inference_mode():
+                    features = self._extract(batch.images.to(self.device_, non_blocking=True))
+                    chunks.append(self._training_inputs(features).to("cpu", torch.float16))
+                bar.update(len(batch.paths))
+        return torch.cat(chunks)
+
+    # -- persistence ----------------------------------------------------------------------------
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        network = {_NETWORK + k: v for k, v in self.network_.state_dict().items()}
+        return {**network, **self._extra_state()}
+
+    def _set_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        torch.manual_seed(self.seed)
+        self.network_ = self._build_network()
+        weights = {k[len(_NETWORK) :]: v for k, v in tensors.items() if k.startswith(_NETWORK)}
+        self.network_.load_state_dict(weights)
+        self.network_.to(self.device_).eval().requires_grad_(False)
+        self._set_extra_state(
+            {k: v.to(self.device_) for k, v in tensors.items() if not k.startswith(_NETWORK)}
+        )
+
+
+class ImageSpaceDetector(TrainedDetector):
+    """A trained detector that models the preprocessed image itself, not backbone features.
+
+    The backbone is still loaded for its normalisation (and, optionally, as a pretrained encoder) but
+    by default does not run: :meth:`_extract` hands the image through."""
+
+    feature_strides = (16,)
+
+    def __init__(self, *, image_size: int = 128, blur_sigma: float = 2.0, **kwargs) -> None:
+        super().__init__(image_size=image_size, blur_sigma=blur_sigma, **kwargs)
+
+    def _extract(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return [images]

@@ -1,0 +1,142 @@
+"""Detectors that train a network: the training loop, augmentations, SSIM and reproducibility."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from skimage.metrics import structural_similarity
+from torch import nn
+
+from imaging_ad.detectors import create_detector, load_detector
+from imaging_ad.detectors.augment import AUGMENTATIONS, build_augmentation
+from imaging_ad.detectors.image_autoencoder import gaussian_window, ssim_map
+from imaging_ad.detectors.training import train_network
+from tests.synthetic import paste_defect, texture
+
+
+def test_ssim_map_matches_scikit_image_inside_the_borders():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, (40, 48)).astype(np.float32)
+    y = np.clip(x + rng.normal(0, 0.1, x.shape), 0, 1).astype(np.float32)
+    _, reference = structural_similarity(
+        x, y, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1.0, full=True
+    )
+    ours = ssim_map(torch.from_numpy(x)[None, None], torch.from_numpy(y)[None, None], 1.0, gaussian_window())
+    # borders differ only in how each library reflects the image; the interior must agree
+    np.testing.assert_allclose(ours[0, 5:-5, 5:-5].numpy(), reference[5:-5, 5:-5], atol=1e-4)
+    same = ssim_map(torch.from_numpy(x)[None, None], torch.from_numpy(x)[None, None], 1.0, gaussian_window())
+    np.testing.assert_allclose(same.numpy(), 1.0, atol=1e-5)
+
+
+def test_augmentations_keep_shape_and_change_the_image():
+    image = torch.from_numpy(np.random.default_rng(0).normal(size=(3, 64, 64)).astype(np.float32))
+    assert build_augmentation("none", seed=0) is None
+    for name in set(AUGMENTATIONS) - {"none"}:
+        augment = build_augmentation(name, seed=1)
+        outputs = [augment(image) for _ in range(4)]
+        assert all(o.shape == image.shape and o.dtype == torch.float32 for o in outputs)
+        assert any(not torch.equal(o, image) for o in outputs), name
+    with pytest.raises(ValueError, match="unknown augmentation"):
+        build_augmentation("mirror", seed=0)
+    with pytest.raises(ValueError, match="unknown augmentation"):
+        create_detector("feature_ae", augment="mirror")
+
+
+def test_early_stopping_keeps_the_best_epoch():
+    torch.manual_seed(0)
+    network = nn.Linear(4, 4)
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.1)
+
+    def step(batch):
+        optimizer.zero_grad()
+        loss = (network(batch) - batch).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        return float(loss)
+
+    # a scripted validation curve, best after the second epoch; remember the weights it saw
+    curve = iter([1.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99])
+    seen = []
+
+    def validate(batch):
+        seen.append(network.weight.detach().clone())
+        return next(curve)
+
+    history = train_network(
+        network,
+        step,
+        validate,
+        torch.randn(32, 4),
+        torch.randn(8, 4),  # one validation batch: one call per epoch
+        epochs=7,
+        batch_size=8,
+        patience=3,
+        device=torch.device("cpu"),
+        seed=0,
+        progress=False,
+    )
+    assert history.best_epoch == 1 and history.stopped == "early_stopping"
+    assert len(history.validation_loss) == 5  # two epochs, then three without improvement
+    torch.testing.assert_close(network.weight, seen[1])
+    assert not torch.equal(network.weight, seen[-1])
+
+
+@pytest.mark.parametrize("name", ["feature_ae", "image_ae"])
+def test_training_is_reproducible_with_a_seed(name):
+    rng = np.random.default_rng(1)
+    normals = [texture(rng, 64, 64) for _ in range(14)]
+    params = {"image_size": 64, "epochs": 3, "progress": False, "holdout_fraction": 0.2, "augmented_views": 2}
+    first = create_detector(name, **params).fit(normals)
+    second = create_detector(name, **params).fit(normals)
+    assert first.history_.train_loss == second.history_.train_loss
+    assert [r.score for r in first.predict(normals[:3])] == [r.score for r in second.predict(normals[:3])]
+
+
+def test_progress_bar_reports_the_loss(capsys):
+    rng = np.random.default_rng(2)
+    normals = [texture(rng, 64, 64) for _ in range(12)]
+    create_detector("feature_ae", image_size=64, epochs=2, holdout_fraction=0.2, progress=True).fit(normals)
+    err = capsys.readouterr().err
+    assert "feature_ae: train" in err and "loss=" in err and "val=" in err
+
+
+def test_ganomaly_default_score_is_the_latent_distance():
+    rng = np.random.default_rng(3)
+    normals = [texture(rng, 64, 64) for _ in range(12)]
+    detector = create_detector("ganomaly", epochs=2, holdout_fraction=0.2, progress=False).fit(normals)
+    image = paste_defect(texture(rng, 64, 64), rng, size=14)[0]
+    (result,) = detector.predict([image])
+    batch = detector.preprocessor_(image)[None]
+    with torch.no_grad():
+        _, z, z_hat = detector.network_.generator(batch)
+    assert result.score == pytest.approx(float((z - z_hat).pow(2).mean()), rel=1e-5)
+    with pytest.raises(ValueError, match="score must be one of"):
+        create_detector("ganomaly", score="pixels")
+
+
+def test_ensemble_trains_feature_autoencoder_members_and_refuses_pixel_models():
+    rng = np.random.default_rng(4)
+    normals = [texture(rng) for _ in range(24)]
+    clean = [texture(rng) for _ in range(4)]
+    defects = [paste_defect(texture(rng), rng)[0] for _ in range(4)]
+    ensemble = create_detector(
+        "ensemble", members=["patchcore", "feature_ae"], image_size=128, holdout_fraction=0.2, progress=False
+    ).fit(normals)
+    assert ensemble.members_[1].history_ is not None  # the autoencoder member really trained
+    scores = [r.score for r in ensemble.predict(clean + defects)]
+    assert min(scores[4:]) > max(scores[:4])
+    with pytest.raises(ValueError, match="model pixels"):
+        create_detector("ensemble", members=["patchcore", "image_ae"])
+
+
+def test_image_autoencoder_with_a_pretrained_encoder_fits_saves_and_loads(tmp_path):
+    rng = np.random.default_rng(5)
+    normals = [texture(rng, 64, 64) for _ in range(12)]
+    detector = create_detector(
+        "image_ae", encoder="backbone", image_size=64, epochs=2, holdout_fraction=0.2, progress=False
+    ).fit(normals)
+    pretrained = detector.network_.pretrained
+    assert pretrained is not None and pretrained is not detector.extractor_  # a fine-tuned copy
+    loaded = load_detector(detector.save(tmp_path / "ae"), device="cpu")
+    assert [r.score for r in loaded.predict(normals[:2])] == [r.score for r in detector.predict(normals[:2])]
