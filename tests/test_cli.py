@@ -88,3 +88,15 @@ def test_info_and_clear_errors(texture_data, tmp_path, capsys):
     assert "PNG" in capsys.readouterr().out
     assert main(["fit", str(tmp_path / "missing"), "--out", str(tmp_path / "m")]) == 1
     assert "error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("detector", ["feature_ae", "feature_vae", "image_ae", "ganomaly"])
+def test_trained_detectors_fit_and_evaluate_through_the_cli(detector, texture_data, tmp_path):
+    out, metrics = tmp_path / f"{detector}.safetensors", tmp_path / "m.json"
+    fit = ["fit", str(texture_data), "--detector", detector, "--image-size", "64", "--out", str(out)]
+    for param in ("holdout_fraction=0.2", "progress=false", "epochs=3", "augment=flip"):
+        fit += ["--param", param]
+    assert main(fit) == 0 and out.is_file()
+    assert main(["evaluate", str(out), str(texture_data), "--json", str(metrics)]) == 0
+    report = json.loads(metrics.read_text())
+    assert report["detector"] == detector and report["pixel_auroc"] is not None
