@@ -146,7 +146,9 @@ class Ganomaly(ImageSpaceDetector):
         ) + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))
         d_loss.backward()
         self.discriminator_optimizer_.step()
-        if float(d_loss.detach()) < 1e-5:  # a discriminator that has won teaches nothing: restart it (as the paper)
+        if (
+            float(d_loss.detach()) < 1e-5
+        ):  # a discriminator that has won teaches nothing: restart it (as the paper)
             for module in discriminator.modules():
                 if hasattr(module, "reset_parameters"):
                     module.reset_parameters()
