@@ -94,7 +94,7 @@ def test_info_and_clear_errors(texture_data, tmp_path, capsys):
 def test_trained_detectors_fit_and_evaluate_through_the_cli(detector, texture_data, tmp_path):
     out, metrics = tmp_path / f"{detector}.safetensors", tmp_path / "m.json"
     fit = ["fit", str(texture_data), "--detector", detector, "--image-size", "64", "--out", str(out)]
-    for param in ("holdout_fraction=0.2", "progress=false", "epochs=3", "augment=flip"):
+    for param in ("holdout_fraction=0.2", "progress=false", "epochs=3", "augment=flip", "augmented_copies=1"):
         fit += ["--param", param]
     assert main(fit) == 0 and out.is_file()
     assert main(["evaluate", str(out), str(texture_data), "--json", str(metrics)]) == 0

@@ -86,7 +86,13 @@ def test_early_stopping_keeps_the_best_epoch():
 def test_training_is_reproducible_with_a_seed(name):
     rng = np.random.default_rng(1)
     normals = [texture(rng, 64, 64) for _ in range(14)]
-    params = {"image_size": 64, "epochs": 3, "progress": False, "holdout_fraction": 0.2, "augmented_views": 2}
+    params = {
+        "image_size": 64,
+        "epochs": 3,
+        "progress": False,
+        "holdout_fraction": 0.2,
+        "augmented_copies": 1,
+    }
     first = create_detector(name, **params).fit(normals)
     second = create_detector(name, **params).fit(normals)
     assert first.history_.train_loss == second.history_.train_loss

@@ -1,8 +1,9 @@
 """Base for detectors that train a network on normal images (autoencoders, VAE, GANomaly).
 
-Training data is cached once: each training image is read, preprocessed and (for views after the
-first) augmented, then turned into the network's input — backbone features for feature-space models,
-the image itself for image-space ones — and kept on the CPU in float16. Epochs then cost only the
+Training data is cached once: each training image is read, preprocessed and (in each of the
+``augmented_copies`` extra views, default none) augmented with ``augment``, then turned into the
+network's input — backbone features for feature-space models, the image itself for image-space
+ones — and kept on the CPU in float16. Epochs then cost only the
 small network, which is what makes training feasible on a 2-core CPU. ``max_train_images`` bounds
 the cache, so memory does not grow with the folder.
 """
@@ -37,7 +38,7 @@ class TrainedDetector(Detector):
         train_batch_size: int = 32,
         patience: int = 5,
         augment: str = "light",
-        augmented_views: int = 1,
+        augmented_copies: int = 0,
         validation_fraction: float = 0.1,
         max_train_images: int = 2000,
         max_train_minutes: float | None = 8.0,
@@ -50,7 +51,7 @@ class TrainedDetector(Detector):
         self.train_batch_size = train_batch_size
         self.patience = patience
         self.augment = augment
-        self.augmented_views = augmented_views
+        self.augmented_copies = augmented_copies
         self.validation_fraction = validation_fraction
         self.max_train_images = max_train_images
         self.max_train_minutes = max_train_minutes
@@ -100,12 +101,12 @@ class TrainedDetector(Detector):
 
     def _fit_images(self, train: list[ImageInput]) -> None:
         fit_images, validation_images = self._split_validation(train)
+        # the originals, then ``augmented_copies`` randomly augmented copies of them
+        views = 1 + self.augmented_copies
         train_inputs = torch.cat(
             [
-                self._cache(
-                    fit_images, view, f"{self.name}: features (view {view + 1}/{self.augmented_views})"
-                )
-                for view in range(self.augmented_views)
+                self._cache(fit_images, view, f"{self.name}: features (view {view + 1}/{views})")
+                for view in range(views)
             ]
         )
         validation_inputs = self._cache(validation_images, 0, f"{self.name}: validation features")
