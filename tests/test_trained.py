@@ -53,7 +53,7 @@ def test_early_stopping_keeps_the_best_epoch():
         loss = (network(batch) - batch).pow(2).mean()
         loss.backward()
         optimizer.step()
-        return float(loss)
+        return float(loss.detach())
 
     # a scripted validation curve, best after the second epoch; remember the weights it saw
     curve = iter([1.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99])
