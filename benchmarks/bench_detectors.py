@@ -181,7 +181,7 @@ def main() -> int:
             f"{r['n_train']}/{r['n_test']} | {fmt(r['image_auroc'])} | {fmt(r['pixel_auroc'])} | {fmt(r['aupro'])} | "
             f"{fmt(r['f1_max'])} | {r['fit_s']:.1f} | {r['extract_s']:.1f} | {r['fit_s'] / r['extract_s']:.2f} | "
             f"{r['predict_ips']:.2f} | {r['backbone_ips']:.2f} | "
-            f"{r['predict_ips'] / r['backbone_ips']:.2f} | {r['peak_rss_mb']:.0f} | {r.get('training', '-')} |"
+            f"{r['predict_ips'] / r['backbone_ips']:.2f} | {r['peak_rss_mb']:.0f} | {r['training']} |"
         )
     table = "\n".join(lines)
     print("\n" + table)

@@ -42,12 +42,16 @@ AUGMENTATIONS = {
 }
 
 
+def check_augmentation(name: str) -> None:
+    if name not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {name!r}; choose one of {', '.join(AUGMENTATIONS)}")
+
+
 class TensorAugmentation:
     """An albumentations pipeline applied to one preprocessed CHW float tensor, seeded."""
 
     def __init__(self, name: str, seed: int) -> None:
-        if name not in AUGMENTATIONS:
-            raise ValueError(f"unknown augmentation {name!r}; choose one of {', '.join(AUGMENTATIONS)}")
+        check_augmentation(name)
         self.name = name
         self.pipeline = A.Compose(AUGMENTATIONS[name](), seed=seed)
 
@@ -59,5 +63,7 @@ class TensorAugmentation:
 
 def build_augmentation(name: str, seed: int) -> Augmentation | None:
     """The augmentation called ``name`` (see :data:`AUGMENTATIONS`), or None for ``"none"``."""
-    augmentation = TensorAugmentation(name, seed)
-    return None if name == "none" else augmentation
+    check_augmentation(name)
+    if name == "none":
+        return None
+    return TensorAugmentation(name, seed)

@@ -9,13 +9,11 @@ features rather than pixels makes the error semantic and the network small (CPU-
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from imaging_ad.detectors.features import patch_grid
-from imaging_ad.detectors.layers import conv_block, resize_to, up_block
+from imaging_ad.detectors.layers import conv_block, resize_to, top_mean, up_block
 from imaging_ad.detectors.registry import register_detector
 from imaging_ad.detectors.trained import TrainedDetector
 
@@ -56,13 +54,6 @@ class FeatureAutoencoderNetwork(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.encoder(x), x.shape[-2:])
-
-
-def top_mean(maps: torch.Tensor, fraction: float) -> torch.Tensor:
-    """(B, h, w) -> (B,): mean of each map's highest ``fraction`` of values (at least one)."""
-    flat = maps.flatten(1)
-    k = max(1, math.ceil(flat.shape[1] * fraction))
-    return flat.topk(k, dim=1).values.mean(1)
 
 
 @register_detector("feature_ae")

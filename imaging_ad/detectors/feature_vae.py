@@ -14,13 +14,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from imaging_ad.detectors.feature_autoencoder import (
-    FeatureAutoencoder,
-    FeatureDecoder,
-    FeatureEncoder,
-    top_mean,
-)
+from imaging_ad.detectors.feature_autoencoder import FeatureAutoencoder, FeatureDecoder, FeatureEncoder
 from imaging_ad.detectors.features import patch_grid
+from imaging_ad.detectors.layers import top_mean
 from imaging_ad.detectors.registry import register_detector
 
 

@@ -15,8 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imaging_ad.detectors.feature_autoencoder import top_mean
-from imaging_ad.detectors.layers import BOTTLENECK_GRID, image_decoder, image_encoder, resize_to, stage_widths
+from imaging_ad.detectors.layers import (
+    BOTTLENECK_GRID,
+    image_decoder,
+    image_encoder,
+    resize_to,
+    stage_widths,
+    top_mean,
+)
 from imaging_ad.detectors.registry import register_detector
 from imaging_ad.detectors.trained import ImageSpaceDetector
 
@@ -146,9 +152,8 @@ class Ganomaly(ImageSpaceDetector):
         ) + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))
         d_loss.backward()
         self.discriminator_optimizer_.step()
-        if (
-            float(d_loss.detach()) < 1e-5
-        ):  # a discriminator that has won teaches nothing: restart it (as the paper)
+        # a discriminator that has won teaches nothing: restart it (as the paper)
+        if float(d_loss.detach()) < 1e-5:
             for module in discriminator.modules():
                 if hasattr(module, "reset_parameters"):
                     module.reset_parameters()

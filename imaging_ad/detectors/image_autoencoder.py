@@ -18,8 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imaging_ad.detectors.feature_autoencoder import top_mean
-from imaging_ad.detectors.layers import conv_block, image_decoder, image_encoder, resize_to, stage_widths
+from imaging_ad.detectors.layers import (
+    BOTTLENECK_GRID,
+    conv_block,
+    image_decoder,
+    image_encoder,
+    resize_to,
+    stage_widths,
+    top_mean,
+)
 from imaging_ad.detectors.registry import register_detector
 from imaging_ad.detectors.trained import ImageSpaceDetector
 
@@ -66,7 +73,9 @@ class ConvAutoencoder(nn.Module):
             top = stage_widths(image_size, width)[-1]
         else:
             channels = pretrained.info.channels[-1]
-            self.encoder = nn.Sequential(conv_block(channels, 8 * width, kernel=1), nn.AdaptiveAvgPool2d(4))
+            self.encoder = nn.Sequential(
+                conv_block(channels, 8 * width, kernel=1), nn.AdaptiveAvgPool2d(BOTTLENECK_GRID)
+            )
             top = 8 * width
         self.bottleneck = nn.Conv2d(top, latent, 1)
         self.decoder = image_decoder(image_size, width, latent)
@@ -120,18 +129,24 @@ class ImageAutoencoder(ImageSpaceDetector):
         # [0, 1] intensities after the backbone's normalisation span 1 / std
         return 1.0 / min(self.preprocessor_.std)
 
-    def _errors(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (per-pixel squared error, per-pixel 1 - SSIM), each (B, H, W)."""
-        reconstruction = self.network_(x)
-        squared = (reconstruction - x).pow(2).mean(1)
-        dissimilarity = 1 - ssim_map(reconstruction, x, self._data_range(), self._window)
-        return squared, dissimilarity
+    def _squared_error(self, x: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+        return (reconstruction - x).pow(2).mean(1)
+
+    def _dissimilarity(self, x: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+        """Per-pixel 1 - SSIM, (B, H, W)."""
+        return 1 - ssim_map(reconstruction, x, self._data_range(), self._window)
 
     def _loss(self, batch: torch.Tensor) -> torch.Tensor:
-        squared, dissimilarity = self._errors(batch)
-        return squared.mean() + self.ssim_weight * dissimilarity.mean()
+        reconstruction = self.network_(batch)
+        loss = self._squared_error(batch, reconstruction).mean()
+        if self.ssim_weight:
+            loss = loss + self.ssim_weight * self._dissimilarity(batch, reconstruction).mean()
+        return loss
 
     def _score(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        squared, dissimilarity = self._errors(features[0].float())
-        maps = dissimilarity if self.heatmap == "ssim" else squared
+        x = features[0].float()
+        reconstruction = self.network_(x)
+        # only the map that is asked for: SSIM's five windowed convolutions are not free at predict time
+        error = self._dissimilarity if self.heatmap == "ssim" else self._squared_error
+        maps = error(x, reconstruction)
         return top_mean(maps, self.top_fraction), maps

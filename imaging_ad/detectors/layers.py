@@ -59,3 +59,11 @@ def resize_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def top_mean(maps: torch.Tensor, fraction: float) -> torch.Tensor:
+    """(B, h, w) -> (B,): mean of each map's highest ``fraction`` of values (at least one): the image
+    score of the reconstruction detectors, less noisy than the single worst position."""
+    flat = maps.flatten(1)
+    k = max(1, math.ceil(flat.shape[1] * fraction))
+    return flat.topk(k, dim=1).values.mean(1)

@@ -3,9 +3,9 @@
 Training data is cached once: each training image is read, preprocessed and (in each of the
 ``augmented_copies`` extra views, default none) augmented with ``augment``, then turned into the
 network's input — backbone features for feature-space models, the image itself for image-space
-ones — and kept on the CPU in float16. Epochs then cost only the
-small network, which is what makes training feasible on a 2-core CPU. ``max_train_images`` bounds
-the cache, so memory does not grow with the folder.
+ones — and kept on the CPU in float16. Epochs then cost only the small network, which is what makes
+training feasible on a 2-core CPU. ``max_train_images`` bounds the cache, so memory does not grow
+with the folder.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from imaging_ad.detectors.augment import build_augmentation
+from imaging_ad.detectors.augment import build_augmentation, check_augmentation
 from imaging_ad.detectors.base import Detector
 from imaging_ad.detectors.inputs import ImageInput
 from imaging_ad.detectors.training import TrainingHistory, train_network
@@ -55,7 +55,7 @@ class TrainedDetector(Detector):
         self.validation_fraction = validation_fraction
         self.max_train_images = max_train_images
         self.max_train_minutes = max_train_minutes
-        build_augmentation(augment, seed=0)  # fail on an unknown name now, not after reading the data
+        check_augmentation(augment)  # fail on an unknown name now, not after reading the data
         self.network_: nn.Module | None = None
         self.history_: TrainingHistory | None = None
 

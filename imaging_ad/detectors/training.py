@@ -72,6 +72,7 @@ def train_network(
             for first in range(0, len(order), batch_size):
                 rows = order[first : first + batch_size]
                 if len(rows) < 2 and seen:  # a 1-sample batch breaks batch norm; its data recurs next epoch
+                    bar.update(1)
                     continue
                 loss = train_step(train_data[rows].to(device, torch.float32, non_blocking=True))
                 if not math.isfinite(loss):
