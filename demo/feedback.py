@@ -2,8 +2,9 @@
 normals added to a PatchCore memory bank, and a drift check of recent scores.
 
 ``extend_patchcore_bank`` reaches into PatchCore's learned state (``memory_bank_``) and helpers
-(``_extract``, ``_embed``, ``_build_index``) from outside the detector: a candidate to move into
-``imaging_ad/detectors/patchcore.py`` as a public method if it proves useful.
+(``_extract``, ``_embed``) from outside the detector before handing the grown bank to
+``use_memory_bank``: a candidate to move into ``imaging_ad/detectors/patchcore.py`` as a public method
+if it proves useful.
 """
 
 from __future__ import annotations
@@ -197,8 +198,7 @@ def extend_patchcore_bank(
     with torch.inference_mode():
         chosen = select_new_rows(bank, candidates.to(bank.device), k)
     rows_before = int(bank.shape[0])
-    detector.memory_bank_ = torch.cat([bank, candidates[chosen].to(bank.device)]).contiguous()
-    detector._build_index()
+    detector.use_memory_bank(torch.cat([bank, candidates[chosen].to(bank.device)]))
     path = detector.save(out_path)
     return BankExtension(path, rows_before, int(chosen.numel()), len(images))
 

@@ -55,6 +55,7 @@ class Preprocessor:
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     interpolation: str = "bicubic"
     _pipeline: A.Compose | None = field(default=None, init=False, repr=False, compare=False)
+    _gray_pipeline: A.Compose | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.aspect not in ASPECT_MODES:
@@ -70,6 +71,7 @@ class Preprocessor:
         self.mean, self.std = tuple(self.mean), tuple(self.std)
         self.percentiles = tuple(self.percentiles)
         self._pipeline = self._build_pipeline()
+        self._gray_pipeline = self._build_gray_pipeline()
 
     @classmethod
     def for_backbone(cls, backbone, **overrides) -> Preprocessor:
@@ -129,6 +131,10 @@ class Preprocessor:
             image = image[..., 0]
         if self.clahe:
             image = self._apply_clahe(image)
+        if image.ndim == 2 and self._gray_pipeline is not None:
+            # the same arithmetic on one channel, copied to three once at the end: 3x less work
+            gray = self._gray_pipeline(image=image)["image"]
+            return torch.from_numpy(gray).expand(3, *gray.shape).contiguous()
         out = self._pipeline(image=image)["image"]
         if out.ndim == 2:
             out = np.repeat(out[..., None], 3, axis=2)
@@ -150,6 +156,7 @@ class Preprocessor:
     def to_dict(self) -> dict:
         data = asdict(self)
         data.pop("_pipeline", None)
+        data.pop("_gray_pipeline", None)
         return data
 
     @classmethod
@@ -162,18 +169,26 @@ class Preprocessor:
 
     # -- internals ---------------------------------------------------------------------------------
 
-    def _build_pipeline(self) -> A.Compose:
+    def _geometry_transforms(self) -> list[A.BasicTransform]:
         interpolation = _INTERPOLATION[self.interpolation]
         size = self.image_size
         if self.aspect == "stretch":
-            geometry = [A.Resize(size, size, interpolation=interpolation, area_for_downscale="image")]
-        else:
-            geometry = [
-                A.LongestMaxSize(max_size=size, interpolation=interpolation, area_for_downscale="image"),
-                A.PadIfNeeded(size, size, position="center", border_mode=cv2.BORDER_CONSTANT, fill=0),
-            ]
+            return [A.Resize(size, size, interpolation=interpolation, area_for_downscale="image")]
+        return [
+            A.LongestMaxSize(max_size=size, interpolation=interpolation, area_for_downscale="image"),
+            A.PadIfNeeded(size, size, position="center", border_mode=cv2.BORDER_CONSTANT, fill=0),
+        ]
+
+    def _build_pipeline(self) -> A.Compose:
         normalise = A.Normalize(mean=self.mean, std=self.std, max_pixel_value=1.0)
-        return A.Compose([*geometry, _ToThreeChannels(), normalise])
+        return A.Compose([*self._geometry_transforms(), _ToThreeChannels(), normalise])
+
+    def _build_gray_pipeline(self) -> A.Compose | None:
+        """For grayscale input when every channel is normalised alike (mean and std the same for all)."""
+        if len(set(self.mean)) != 1 or len(set(self.std)) != 1:
+            return None
+        normalise = A.Normalize(mean=self.mean[:1], std=self.std[:1], max_pixel_value=1.0)
+        return A.Compose([*self._geometry_transforms(), normalise])
 
     def _apply_clahe(self, image: np.ndarray) -> np.ndarray:
         # OpenCV's CLAHE works on 8-bit data; intensity is already windowed to [0, 1] at this point.

@@ -35,7 +35,7 @@ def to_display_rgb(image: ArrayLike) -> np.ndarray:
     if not (img.ndim == 2 or (img.ndim == 3 and img.shape[-1] == 3)):
         raise ValueError(f"image must be HxW, HxWx1, HxWx3 or HxWx4, got shape {img.shape}")
     if img.dtype == np.uint8:
-        img8 = img.copy()
+        img8 = img if img.ndim == 2 else img.copy()  # a grayscale image is copied by cvtColor below
     elif img.dtype == bool:
         img8 = img.astype(np.uint8) * 255
     else:
@@ -66,7 +66,7 @@ def heatmap_to_color(
     the window are clipped; NaNs get the ``vmin`` colour; a flat window maps everything to it.
     """
     h = _as_heatmap(heatmap)
-    finite = h[np.isfinite(h)]
+    finite = h[np.isfinite(h)] if vmin is None or vmax is None else h
     lo = float(vmin) if vmin is not None else (float(finite.min()) if finite.size else 0.0)
     hi = float(vmax) if vmax is not None else (float(finite.max()) if finite.size else lo)
     gray = _scale_to_uint8(h, lo, hi)
@@ -94,7 +94,7 @@ def overlay(
     h = _as_heatmap(heatmap)
     height, width = base.shape[:2]
     if h.shape != (height, width):
-        h = cv2.resize(h.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
+        h = cv2.resize(h.astype(np.float32, copy=False), (width, height), interpolation=cv2.INTER_LINEAR)
     color = heatmap_to_color(h, vmin=vmin, vmax=vmax, colormap=colormap)
     return cv2.addWeighted(base, 1.0 - alpha, color, alpha, 0.0)
 
@@ -151,7 +151,9 @@ def save_png(path: str | os.PathLike, rgb: ArrayLike) -> Path:
 
 
 def _as_heatmap(heatmap: ArrayLike) -> np.ndarray:
-    h = np.asarray(heatmap, dtype=np.float64)
+    h = np.asarray(heatmap)
+    # float32 heatmaps (what detectors return) stay float32: 8-bit colours need no more precision
+    h = h if h.dtype in (np.float32, np.float64) else h.astype(np.float64)
     # Tolerate a singleton channel axis (1xHxW from torch, HxWx1 from cv2).
     if h.ndim == 3 and h.shape[0] == 1:
         h = h[0]
@@ -166,6 +168,6 @@ def _scale_to_uint8(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
     """Linear map [lo, hi] -> [0, 255] with clipping; NaN -> 0; a flat window -> 0."""
     if not hi > lo:
         return np.zeros(values.shape, np.uint8)
-    scaled = (values - lo) * (255.0 / (hi - lo))
-    scaled = np.nan_to_num(scaled, nan=0.0, posinf=255.0, neginf=0.0)
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    scaled = (values - values.dtype.type(lo)) * values.dtype.type(255.0 / (hi - lo))
+    scaled = np.nan_to_num(scaled, copy=False, nan=0.0, posinf=255.0, neginf=0.0)
+    return np.clip(np.rint(scaled, out=scaled), 0, 255, out=scaled).astype(np.uint8)

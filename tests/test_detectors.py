@@ -7,6 +7,7 @@ import struct
 
 import numpy as np
 import pytest
+import torch
 
 from imaging_ad.detectors import DETECTORS, ModelFileError, create_detector, load_detector
 from tests.synthetic import paste_defect, texture
@@ -142,3 +143,26 @@ def test_patchcore_graph_search_keeps_image_scores_exact(textures):
     # Both sides compute float32 distances in different orders (faiss expands |a-b|^2), so they agree
     # to float32 rounding, not bit for bit; a wrong neighbour would differ by far more.
     np.testing.assert_allclose(scores["hnsw"], scores["flat"], rtol=1e-4)
+
+
+def test_patchcore_reweighting_neighbourhood_is_each_rows_nearest_and_rebuilt_for_old_files(textures):
+    normals, clean, defects = textures
+    images = clean[:2] + [image for image, _ in defects[:2]]
+    detector = create_detector("patchcore", search="hnsw", **FAST).fit(normals)
+    bank, table = detector.memory_bank_, detector.bank_neighbours_
+    b = detector.reweight_neighbours
+    assert table.shape == (bank.shape[0], b)
+    assert (table[:, 0] == torch.arange(bank.shape[0])).all()  # m* itself first
+    exact = torch.cdist(bank, bank).topk(b, largest=False).indices
+    # the table comes from a graph search at a wider beam: (almost) every row's exact neighbourhood
+    same = torch.tensor([set(t.tolist()) == set(e.tolist()) for t, e in zip(table, exact, strict=True)])
+    assert same.float().mean() > 0.95
+
+    # a file saved before the table was stored: it is rebuilt on loading, to the same scores (an exact
+    # index here, so the rebuilt table cannot differ by a graph built in another order)
+    detector = create_detector("patchcore", search="flat", **FAST).fit(normals)
+    table = detector.bank_neighbours_
+    expected = [r.score for r in detector.predict(images)]
+    detector._set_state({k: v for k, v in detector._state().items() if k != "bank_neighbours"})
+    assert torch.equal(detector.bank_neighbours_, table)
+    np.testing.assert_allclose([r.score for r in detector.predict(images)], expected, rtol=1e-6)

@@ -41,6 +41,22 @@ def test_grayscale_becomes_three_identical_channels_and_backbone_normalisation_a
     np.testing.assert_allclose(tensor.numpy(), 1.0, atol=1e-5)  # (1 - 0.5) / 0.5
 
 
+@pytest.mark.parametrize("aspect", ["stretch", "letterbox"])
+@pytest.mark.parametrize("intensity", ["auto", "robust"])
+def test_grayscale_shortcut_equals_the_three_channel_path(aspect, intensity):
+    """Grayscale images are normalised on one channel and copied to three: bit for bit what the
+    three-channel pipeline gives the same pixels stacked as RGB."""
+    pixels = np.random.default_rng(0).integers(0, 256, (45, 70), dtype=np.uint8)
+    pre = Preprocessor(image_size=48, aspect=aspect, intensity=intensity, mean=(0.5,) * 3, std=(0.25,) * 3)
+    gray = pre(pixels)
+    assert gray.is_contiguous() and gray.shape == (3, 48, 48)
+    assert pre._gray_pipeline is not None
+    pre._gray_pipeline = None  # force the general path
+    assert np.array_equal(gray.numpy(), pre(pixels).numpy())
+    # channels normalised differently (ImageNet statistics) take the general path
+    assert Preprocessor(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))._gray_pipeline is None
+
+
 def test_sixteen_bit_data_is_windowed_by_percentiles_not_truncated():
     pre = Preprocessor(image_size=32, **IDENTITY)
     ramp = np.tile(np.linspace(1000, 4000, 64), (64, 1)).astype(np.uint16)  # 12-bit data in 16 bits

@@ -150,12 +150,13 @@ class PatchCoreHead(nn.Module):
     ``Gemm`` reading the bank in place, so the file holds it once); ``|q|^2`` is the same for every bank row,
     so it is added after the min. The image score is ``PatchCore._reweighted_image_scores``: the largest
     patch distance times ``1 - softmax`` over the test patch's distances to the ``b`` bank rows nearest its
-    nearest bank row ``m*`` (ranked by the same expansion, as ``torch.cdist`` ranks them).
+    nearest bank row ``m*``, looked up in the detector's stored neighbourhood table.
     """
 
     def __init__(
         self,
         bank: torch.Tensor,
+        bank_neighbours: torch.Tensor,
         neighbourhood: int,
         reweight_neighbours: int,
         checkpoint_search: str = "exact",
@@ -169,6 +170,9 @@ class PatchCoreHead(nn.Module):
         )
         self.register_buffer("bank", bank)
         self.register_buffer("bank_norms", (bank * bank).sum(1))
+        self.register_buffer(
+            "bank_neighbours", bank_neighbours[:, : max(self.reweight, 1)].long().contiguous()
+        )
 
     def export_notes(self) -> dict:
         return {
@@ -199,9 +203,8 @@ class PatchCoreHead(nn.Module):
         test_patch = queries.reshape(-1, grid[0] * grid[1], d).gather(
             1, where.reshape(-1, 1, 1).expand(-1, 1, d)
         )[:, 0]  # (B, D)
-        bank_nearest = self.bank.index_select(0, nearest.gather(1, where[:, None])[:, 0])  # m*, (B, D)
-        ranking = torch.addmm(self.bank_norms, bank_nearest, self.bank.T, alpha=-2)  # + |m*|^2: same order
-        neighbours = ranking.topk(self.reweight, dim=1, largest=False).indices  # (B, b), m* first
+        m_star = nearest.gather(1, where[:, None])[:, 0]
+        neighbours = self.bank_neighbours.index_select(0, m_star)  # (B, b), m* first
         rows = self.bank.index_select(0, neighbours.reshape(-1)).reshape(-1, self.reweight, d)
         difference = test_patch[:, None] - rows
         distances = (difference * difference).sum(2).sqrt()
@@ -235,6 +238,7 @@ def _patchcore_exact(detector: Detector) -> Detector:
 def _patchcore_head(detector: Detector, shapes: list[tuple[int, int]]) -> nn.Module:
     return PatchCoreHead(
         detector.memory_bank_,
+        detector.bank_neighbours_,
         detector.neighbourhood,
         detector.reweight_neighbours,
         _patchcore_search(detector),
