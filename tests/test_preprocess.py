@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from imaging_ad import create_backbone, read_image
-from imaging_ad.preprocess import Preprocessor
+from imaging_ad.preprocess import Preprocessor, percentiles
 
 IDENTITY = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
 
@@ -55,6 +55,20 @@ def test_grayscale_shortcut_equals_the_three_channel_path(aspect, intensity):
     assert np.array_equal(gray.numpy(), pre(pixels).numpy())
     # channels normalised differently (ImageNet statistics) take the general path
     assert Preprocessor(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))._gray_pipeline is None
+
+
+def test_histogram_percentiles_equal_numpys_bit_for_bit():
+    rng = np.random.default_rng(1)
+    for trial in range(300):
+        dtype, top = [(np.uint8, 256), (np.uint16, 4096), (np.uint16, 65536)][trial % 3]
+        shape = [(int(rng.integers(1, 60)), int(rng.integers(1, 60))), (17, 9, 3)][trial % 2]
+        pixels = rng.integers(0, top, shape).astype(dtype)
+        if trial % 5 == 0:
+            pixels.ravel()[: pixels.size // 2] = pixels.ravel()[0]  # many ties
+        for q in [(25, 50, 75), (0.5, 99.5), (0, 100)]:
+            assert np.array_equal(percentiles(pixels, q), np.percentile(pixels, q)), (trial, q)
+    floats = rng.normal(size=(20, 20)).astype(np.float32)
+    assert np.array_equal(percentiles(floats, (1, 99)), np.percentile(floats, (1, 99)))
 
 
 def test_sixteen_bit_data_is_windowed_by_percentiles_not_truncated():
