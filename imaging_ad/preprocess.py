@@ -149,6 +149,10 @@ class Preprocessor:
             image = image[..., 0]
         if self.clahe:
             image = self._apply_clahe(image)
+        if image.ndim == 3 and self._gray_pipeline is not None and _channels_equal(image):
+            # grayscale stored as RGB (common for X-rays): a third of the work, the same tensor up to
+            # OpenCV resizing one channel and three in different rounding order (<= 1 float32 ulp)
+            image = image[..., 0]
         if image.ndim == 2 and self._gray_pipeline is not None:
             # the same arithmetic on one channel, copied to three once at the end: 3x less work
             gray = self._gray_pipeline(image=image)["image"]
@@ -215,6 +219,11 @@ class Preprocessor:
             clip_limit=(self.clahe_clip_limit, self.clahe_clip_limit), tile_grid_size=(8, 8), p=1.0
         )
         return clahe(image=as_uint8)["image"].astype(np.float32) / 255.0
+
+
+def _channels_equal(image: np.ndarray) -> bool:
+    first = image[..., 0]
+    return all(np.array_equal(first, image[..., c]) for c in range(1, image.shape[2]))
 
 
 class _ToThreeChannels(A.ImageOnlyTransform):

@@ -57,6 +57,20 @@ def test_grayscale_shortcut_equals_the_three_channel_path(aspect, intensity):
     assert Preprocessor(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))._gray_pipeline is None
 
 
+@pytest.mark.parametrize("size", [40, 64])
+def test_grayscale_stored_as_rgb_takes_the_one_channel_path(size):
+    gray = np.random.default_rng(2).integers(0, 256, (40, 40), dtype=np.uint8)
+    rgb = np.repeat(gray[..., None], 3, axis=2)
+    pre = Preprocessor(image_size=size)
+    shortcut = pre(rgb).numpy()
+    assert np.array_equal(shortcut, pre(gray).numpy())
+    pre._gray_pipeline = None
+    general = pre(rgb).numpy()
+    if size == 40:  # no resize: bit for bit
+        assert np.array_equal(shortcut, general)
+    np.testing.assert_allclose(shortcut, general, rtol=0, atol=1e-6)  # OpenCV's 1- vs 3-channel rounding
+
+
 def test_histogram_percentiles_equal_numpys_bit_for_bit():
     rng = np.random.default_rng(1)
     for trial in range(300):
