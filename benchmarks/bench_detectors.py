@@ -4,7 +4,8 @@ Each (dataset, detector) pair runs in its own process so peak RSS is that pair's
 detector's predict throughput it reports the backbone-only forward throughput, measured in the same
 process on the same preprocessed images with the same truncated backbone, alternating with predict
 chunk by chunk (64 images) so that the machine's speed drifting does not tilt the ratio: that ratio
-is what we optimise. Fit time is compared with feature extraction timed right before and after it. Prints a Markdown table and appends it to benchmarks/RESULTS.md.
+is what we optimise. Fit time is compared with feature extraction timed right before and after it.
+Prints a Markdown table and appends it to benchmarks/RESULTS.md.
 
     python benchmarks/bench_detectors.py [--datasets magnetic_tile chest_xray] [--detectors patchcore padim dfm]
 """
