@@ -149,14 +149,15 @@ class Preprocessor:
             image = image[..., 0]
         if self.clahe:
             image = self._apply_clahe(image)
-        if image.ndim == 3 and self._gray_pipeline is not None and _channels_equal(image):
-            # grayscale stored as RGB (common for X-rays): a third of the work, the same tensor up to
-            # OpenCV resizing one channel and three in different rounding order (<= 1 float32 ulp)
-            image = image[..., 0]
-        if image.ndim == 2 and self._gray_pipeline is not None:
-            # the same arithmetic on one channel, copied to three once at the end: 3x less work
-            gray = self._gray_pipeline(image=image)["image"]
-            return torch.from_numpy(gray).expand(3, *gray.shape).contiguous()
+        if self._gray_pipeline is not None:
+            if image.ndim == 3 and _channels_equal(image):
+                # grayscale stored as RGB (common for X-rays): the same tensor up to OpenCV resizing
+                # one channel and three in different rounding order (<= 1 float32 ulp)
+                image = image[..., 0]
+            if image.ndim == 2:
+                # the same arithmetic on one channel, copied to three once at the end: 3x less work
+                gray = self._gray_pipeline(image=image)["image"]
+                return torch.from_numpy(gray).expand(3, *gray.shape).contiguous()
         out = self._pipeline(image=image)["image"]
         if out.ndim == 2:
             out = np.repeat(out[..., None], 3, axis=2)

@@ -66,9 +66,12 @@ def heatmap_to_color(
     the window are clipped; NaNs get the ``vmin`` colour; a flat window maps everything to it.
     """
     h = _as_heatmap(heatmap)
-    finite = h[np.isfinite(h)] if vmin is None or vmax is None else h
-    lo = float(vmin) if vmin is not None else (float(finite.min()) if finite.size else 0.0)
-    hi = float(vmax) if vmax is not None else (float(finite.max()) if finite.size else lo)
+    lo, hi = vmin, vmax
+    if lo is None or hi is None:  # the heatmap's own range, looked at only when it is needed
+        finite = h[np.isfinite(h)]
+        lo = lo if lo is not None else (finite.min() if finite.size else 0.0)
+        hi = hi if hi is not None else (finite.max() if finite.size else lo)
+    lo, hi = float(lo), float(hi)
     gray = _scale_to_uint8(h, lo, hi)
     # OpenCV colour maps produce BGR; everything in this package is RGB.
     return cv2.cvtColor(cv2.applyColorMap(gray, colormap), cv2.COLOR_BGR2RGB)

@@ -123,21 +123,15 @@ class PatchCore(Detector):
         bank = self.memory_bank_
         b = min(max(self.reweight_neighbours, 1), bank.shape[0])
         if self._index is not None:
-            beam = getattr(self._index, "hnsw", None)
-            saved = beam.efSearch if beam is not None else None
-            if beam is not None:
-                beam.efSearch = max(32, 2 * b)
-            try:
-                _, found = self._index.search(bank.cpu().numpy().astype(np.float32), b + 1)  # -1 pads
-            finally:
-                if beam is not None:
-                    beam.efSearch = saved
+            wider = faiss.SearchParametersHNSW(efSearch=max(32, 2 * b)) if self._uses_graph() else None
+            _, found = self._index.search(self.memory_bank_.cpu().numpy(), b + 1, params=wider)  # -1 pads
             found = torch.from_numpy(found)
         else:
-            norms = (bank * bank).sum(1)
             found = torch.cat(
                 [
-                    (norms - 2 * rows @ bank.T).topk(min(b + 1, bank.shape[0]), dim=1, largest=False).indices
+                    (self._bank_norms - 2 * rows @ bank.T)
+                    .topk(min(b + 1, len(bank)), dim=1, largest=False)
+                    .indices
                     for rows in bank.split(4096)
                 ]
             ).cpu()
@@ -167,8 +161,6 @@ class PatchCore(Detector):
             partial, where = torch.addmm(self._bank_norms, block, self.memory_bank_.T, alpha=-2).min(dim=1)
             distances.append((partial + (block * block).sum(1)).clamp_min_(0).sqrt_())  # |q - m|, minimised
             indices.append(where)
-        if not distances:
-            return queries.new_zeros(0), torch.zeros(0, dtype=torch.int64, device=queries.device)
         return torch.cat(distances), torch.cat(indices)
 
     def _score(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,10 +170,13 @@ class PatchCore(Detector):
         distances, indices = self._nearest(queries)
         patch_scores = distances.view(b, h * w)
         nearest = indices.view(b, h * w)
-        if isinstance(self._index, faiss.IndexHNSWFlat):
+        if self._uses_graph():
             self._make_maximum_exact(queries.view(b, h * w, d), patch_scores, nearest)
         scores = self._reweighted_image_scores(queries.view(b, h * w, d), patch_scores, nearest)
         return scores, patch_scores.view(b, h, w)
+
+    def _uses_graph(self) -> bool:
+        return isinstance(self._index, faiss.IndexHNSWFlat)
 
     def _make_maximum_exact(
         self, queries: torch.Tensor, patch_scores: torch.Tensor, nearest: torch.Tensor
