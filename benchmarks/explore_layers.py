@@ -6,6 +6,12 @@ This is how the defaults in imaging_ad/detectors/patchcore.py were chosen (see R
 
     python benchmarks/explore_layers.py magnetic_tile --size 256 --intensity robust \
         --combos '[{"strides": [16, 32], "frac": 0.1}, {"strides": [8, 16], "frac": 0.03, "k": 3}]'
+
+Per-position standardisation of the image score (PatchCore's default since 2026-12-01): a combo with
+``"holdout": 76, "position": "std"`` keeps 76 training images out of the bank, learns each position's
+mean and spread of patch distances on them, and takes the image score as the largest standardised
+distance (``"mean"`` subtracts the mean only); ``"standardise_heatmap": true`` standardises the heatmap
+too. Image scores here are plain maxima (no re-weighting).
 """
 
 from __future__ import annotations
@@ -71,9 +77,12 @@ def main() -> None:
     )
     for combo in json.loads(args.combos):
         strides, k, frac = combo["strides"], combo.get("k", 3), combo.get("frac", 0.1)
+        n_held_out = combo.get("holdout", 0)
+        order = np.random.default_rng(0).permutation(train[0].shape[0])
+        held_out, bank_images = (torch.from_numpy(np.sort(part)) for part in np.split(order, [n_held_out]))
         chunks = []
-        for i in range(0, train[0].shape[0], 16):
-            embedding = _embed(train, strides, k, slice(i, i + 16))
+        for i in range(0, len(bank_images), 16):
+            embedding = _embed(train, strides, k, bank_images[i : i + 16])
             rows = embedding.permute(0, 2, 3, 1).reshape(-1, embedding.shape[1])
             keep = greedy_coreset(
                 rows, max(1, int(frac * rows.shape[0])), 128, torch.Generator().manual_seed(0)
@@ -82,15 +91,23 @@ def main() -> None:
         bank = torch.cat(chunks).numpy()
         index = faiss.IndexFlatL2(bank.shape[1])
         index.add(bank)
+        position = combo.get("position", "none")
+        mean, std = 0.0, 1.0
+        if position != "none":
+            normal_maps = _distance_maps(train, strides, k, index, held_out)
+            mean = normal_maps.mean(0)
+            if position == "std":
+                std = normal_maps.std(0, ddof=1)
+                std = np.maximum(std, 0.5 * np.median(std))  # the detector's floor
         scores, heatmaps = [], []
         for i in range(0, test[0].shape[0], 16):
-            embedding = _embed(test, strides, k, slice(i, i + 16))
-            b, d, h, w = embedding.shape
-            distances, _ = index.search(embedding.permute(0, 2, 3, 1).reshape(-1, d).numpy(), 1)
-            maps = np.sqrt(np.maximum(distances[:, 0], 0)).reshape(b, h, w)
-            scores += list(maps.reshape(b, -1).max(1))
+            maps = _distance_maps(test, strides, k, index, slice(i, i + 16))
+            standardised = (maps - mean) / std
+            scores += list(standardised.reshape(len(maps), -1).max(1))
+            if combo.get("standardise_heatmap"):
+                maps = standardised.astype(np.float32)
             if has_masks:
-                for j in range(b):
+                for j in range(len(maps)):
                     m = cv2.resize(maps[j], (args.size, args.size), interpolation=cv2.INTER_LINEAR)
                     heatmaps.append(
                         pre.heatmap_to_original(cv2.GaussianBlur(m, (0, 0), args.sigma), sizes[i + j])
@@ -123,6 +140,14 @@ def _extract(samples, backbone, pre):
             stages[j].append(f.half())
         sizes += [r.meta.size for r in records]
     return [torch.cat(s) for s in stages], sizes
+
+
+def _distance_maps(features, strides, k, index, rows) -> np.ndarray:
+    """(B, h, w) distance of every patch of the selected images to its nearest memory-bank row."""
+    embedding = _embed(features, strides, k, rows)
+    b, d, h, w = embedding.shape
+    distances, _ = index.search(embedding.permute(0, 2, 3, 1).reshape(-1, d).numpy(), 1)
+    return np.sqrt(np.maximum(distances[:, 0], 0)).reshape(b, h, w)
 
 
 def _embed(features, strides, k, rows):

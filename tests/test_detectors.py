@@ -166,3 +166,69 @@ def test_patchcore_reweighting_neighbourhood_is_each_rows_nearest_and_rebuilt_fo
     detector._set_state({k: v for k, v in detector._state().items() if k != "bank_neighbours"})
     assert torch.equal(detector.bank_neighbours_, table)
     np.testing.assert_allclose([r.score for r in detector.predict(images)], expected, rtol=1e-6)
+
+
+def test_patchcore_standardises_per_position_so_a_busy_normal_region_cannot_hide_a_defect(tmp_path):
+    """Every image (normal or not) has fresh noise in its top-left corner: the plain maximum patch distance
+    lands there and small defects elsewhere drown in it; standardising each position by held-out normals'
+    statistics puts the defects first. The statistics are saved and loaded with the model."""
+    rng = np.random.default_rng(0)
+
+    def busy_corner(image: np.ndarray) -> np.ndarray:
+        out = image.copy()
+        out[:28, :28] = rng.integers(0, 256, (28, 28))
+        return out
+
+    def defect_outside_corner() -> np.ndarray:
+        while True:
+            image, mask = paste_defect(texture(rng), rng, size=10)
+            if not mask[:36, :36].any():
+                return busy_corner(image)
+
+    normals = [busy_corner(texture(rng)) for _ in range(30)]
+    validation = [busy_corner(texture(rng)) for _ in range(12)]
+    clean = [busy_corner(texture(rng)) for _ in range(8)]
+    defects = [defect_outside_corner() for _ in range(8)]
+    settings = {k: v for k, v in FAST.items() if k != "holdout_fraction"}
+
+    def separation(detector) -> tuple[float, float]:
+        return max(r.score for r in detector.predict(clean)), min(r.score for r in detector.predict(defects))
+
+    plain = create_detector("patchcore", position_statistics=False, **settings).fit(normals, validation)
+    assert plain.position_mean_ is None
+    worst_clean, weakest_defect = separation(plain)
+    assert weakest_defect < worst_clean  # the corner hides some defects
+
+    detector = create_detector("patchcore", **settings).fit(normals, validation)
+    grid = (128 // 16) ** 2
+    assert detector.position_mean_.shape == detector.position_std_.shape == (grid,)
+    assert (detector.position_std_ > 0).all()
+    worst_clean, weakest_defect = separation(detector)
+    assert weakest_defect > worst_clean
+    assert all(r.is_anomaly for r in detector.predict(defects))
+
+    detector.save(tmp_path / "standardised.safetensors")
+    loaded = load_detector(tmp_path / "standardised.safetensors")
+    assert torch.equal(loaded.position_mean_, detector.position_mean_)
+    assert [r.score for r in loaded.predict(defects)] == [r.score for r in detector.predict(defects)]
+
+
+def test_patchcore_calibrates_on_leave_one_out_standardised_scores():
+    """Held-out normals both give the positional statistics and set the threshold: each one's calibration
+    score standardises by the *other* held-out images' statistics, as an unseen normal's would be."""
+    rng = np.random.default_rng(1)
+    normals = [texture(rng) for _ in range(30)]
+    validation = [texture(rng) for _ in range(10)]
+    settings = {k: v for k, v in FAST.items() if k != "holdout_fraction"}
+    # plain maxima (no re-weighting) and exact search, so the inequality below is exact
+    detector = create_detector("patchcore", reweight_neighbours=1, search="flat", **settings)
+    detector.fit(normals, validation)
+    in_sample = np.array([r.score for r in detector.predict(validation)])
+    leave_one_out, _ = detector._calibration_samples(validation)
+    assert in_sample.min() > 0
+    # a patch above its position's mean is further above the other images' mean, and their spread is
+    # not wider by more than sqrt((n-1)/(n-2)): with n = 10, leave-one-out scores are >= 1.047x in-sample
+    np.testing.assert_array_less(in_sample * 1.04, leave_one_out)
+    # the threshold (1% false positives of 10 normals: the highest) is a leave-one-out score
+    assert detector.calibration_.image_threshold == pytest.approx(leave_one_out.max(), rel=1e-6)
+    assert detector.calibration_.image_threshold > in_sample.max()

@@ -169,6 +169,11 @@ class Detector(ABC):
     def _calibrate(self, held_out: list[ImageInput]) -> Calibration:
         if len(held_out) < 2:
             raise ValueError("calibration needs at least two held-out normal images (holdout_fraction > 0)")
+        scores, pixels = self._calibration_samples(held_out)
+        return calibrate(scores, pixels, self.target_fpr)
+
+    def _calibration_samples(self, held_out: list[ImageInput]) -> tuple[np.ndarray, np.ndarray]:
+        """Image scores of the held-out normals and a sample of their heatmap pixels."""
         rng = np.random.default_rng(self.seed)
         scores, pixels = [], []
         for batch_scores, maps, _ in self._scored_batches(held_out, desc=f"{self.name}: calibrate"):
@@ -178,7 +183,7 @@ class Detector(ABC):
                 pixels.append(
                     rng.choice(flat, size=min(flat.size, _PIXELS_PER_CALIBRATION_IMAGE), replace=False)
                 )
-        return calibrate(np.concatenate(scores), np.concatenate(pixels), self.target_fpr)
+        return np.concatenate(scores), np.concatenate(pixels)
 
     # -- predicting -----------------------------------------------------------------------------
 

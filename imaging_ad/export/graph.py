@@ -149,8 +149,9 @@ class PatchCoreHead(nn.Module):
     path and of faiss' flat index). ``|m|^2 - 2 q.m`` for the whole bank is one GEMM (``addmm``, an ONNX
     ``Gemm`` reading the bank in place, so the file holds it once); ``|q|^2`` is the same for every bank row,
     so it is added after the min. The image score is ``PatchCore._reweighted_image_scores``: the largest
-    patch distance times ``1 - softmax`` over the test patch's distances to the ``b`` bank rows nearest its
-    nearest bank row ``m*``, looked up in the detector's stored neighbourhood table.
+    patch distance (standardised per position when the detector has positional statistics) times
+    ``1 - softmax`` over the test patch's distances to the ``b`` bank rows nearest its nearest bank row
+    ``m*``, looked up in the detector's stored neighbourhood table.
     """
 
     def __init__(
@@ -160,6 +161,8 @@ class PatchCoreHead(nn.Module):
         neighbourhood: int,
         reweight_neighbours: int,
         checkpoint_search: str = "exact",
+        position_mean: torch.Tensor | None = None,
+        position_std: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         bank = _buffer(bank)
@@ -173,6 +176,10 @@ class PatchCoreHead(nn.Module):
         self.register_buffer(
             "bank_neighbours", bank_neighbours[:, : max(self.reweight, 1)].long().contiguous()
         )
+        self.standardise = position_mean is not None
+        if self.standardise:
+            self.register_buffer("position_mean", _buffer(position_mean))
+            self.register_buffer("position_std", _buffer(position_std))
 
     def export_notes(self) -> dict:
         return {
@@ -196,7 +203,8 @@ class PatchCoreHead(nn.Module):
         nearest_squared = partial_min + (queries * queries).sum(1)
         patch_scores = nearest_squared.clamp_min(0).sqrt().reshape(-1, grid[0] * grid[1])
         maps = patch_scores.reshape(-1, grid[0], grid[1])
-        max_scores, where = patch_scores.max(dim=1)
+        ranked = (patch_scores - self.position_mean) / self.position_std if self.standardise else patch_scores
+        max_scores, where = ranked.max(dim=1)
         if not self.reweight:
             return max_scores, maps
         nearest = nearest.reshape(-1, grid[0] * grid[1])
@@ -242,6 +250,8 @@ def _patchcore_head(detector: Detector, shapes: list[tuple[int, int]]) -> nn.Mod
         detector.neighbourhood,
         detector.reweight_neighbours,
         _patchcore_search(detector),
+        detector.position_mean_,
+        detector.position_std_,
     )
 
 
