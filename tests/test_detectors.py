@@ -232,3 +232,25 @@ def test_patchcore_calibrates_on_leave_one_out_standardised_scores():
     # the threshold (1% false positives of 10 normals: the highest) is a leave-one-out score
     assert detector.calibration_.image_threshold == pytest.approx(leave_one_out.max(), rel=1e-6)
     assert detector.calibration_.image_threshold > in_sample.max()
+
+
+@pytest.mark.parametrize("grid, size, sigma", [((16, 16), 256, 4.0), ((8, 12), 128, 1.5), ((8, 8), 96, 0.0)])
+def test_smoothing_by_matrix_products_equals_upsampling_then_blurring(grid, size, sigma):
+    """The detectors smooth coarse maps with one (S, h) matrix per axis; it must equal bilinear upsampling
+    followed by OpenCV's Gaussian blur (the definition the export graph and the docs use)."""
+    import cv2
+    import torch.nn.functional as F
+
+    from imaging_ad.preprocess import Preprocessor
+
+    detector = create_detector("dfm", image_size=size, blur_sigma=sigma)
+    detector.preprocessor_ = Preprocessor(image_size=size)
+    maps = torch.from_numpy(np.random.default_rng(0).random((3, *grid)).astype(np.float32) * 30)
+    upsampled = F.interpolate(maps[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+    expected = [
+        cv2.GaussianBlur(m, (0, 0), sigmaX=sigma, borderType=cv2.BORDER_REFLECT_101) if sigma else m
+        for m in upsampled.numpy()
+    ]
+    got = detector._smooth(maps)
+    assert got.shape == (3, size, size) and got.dtype == np.float32
+    np.testing.assert_allclose(got, np.stack(expected), rtol=0, atol=1e-5 * float(maps.max()))

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -285,18 +286,27 @@ class Detector(ABC):
     def _smooth(self, maps: torch.Tensor) -> np.ndarray:
         """Feature-resolution maps -> model-input resolution, Gaussian-smoothed as in PatchCore.
 
-        On the CPU OpenCV's separable blur is ~10x faster than a 1-channel torch convolution."""
+        Bilinear upsampling and the Gaussian blur are both linear and separable, so along each axis the
+        two make one small (S, h) matrix: two matrix products per map instead of upsampling and a 33-tap
+        blur at full size (about 8x cheaper on the CPU for a 16x16 grid; equal to float32 rounding, see
+        :func:`smoothing_operator`). Maps finer than stride 8 take the direct path."""
+        h, w = maps.shape[-2:]
         size = self.preprocessor_.image_size
-        maps = (
-            torch.nn.functional.interpolate(
+        if max(h, w) * 8 > size:  # fine maps (image-space detectors): the products would cost more
+            upsampled = F.interpolate(
                 maps[:, None].float(), size=(size, size), mode="bilinear", align_corners=False
-            )[:, 0]
-            .cpu()
-            .numpy()
-        )
-        if self.blur_sigma > 0:
-            maps = np.stack([gaussian_blur_numpy(m, self.blur_sigma) for m in maps])
-        return maps
+            )
+            upsampled = upsampled[:, 0].cpu().numpy()
+            if self.blur_sigma <= 0:
+                return upsampled
+            return np.stack([gaussian_blur_numpy(m, self.blur_sigma) for m in upsampled])
+        key = (h, w, size, self.blur_sigma, maps.device)
+        if getattr(self, "_smoothing_key", None) != key:
+            self._smoothing_rows = smoothing_operator(h, size, self.blur_sigma).to(maps.device)
+            self._smoothing_columns = smoothing_operator(w, size, self.blur_sigma).to(maps.device)
+            self._smoothing_key = key
+        smoothed = self._smoothing_rows @ maps.float() @ self._smoothing_columns.T
+        return smoothed.cpu().numpy()
 
     def _check_fitted(self) -> None:
         if self.extractor_ is None or self.calibration_ is None:
@@ -338,6 +348,21 @@ def _indices_for_strides(reductions: list[int], strides: Iterable[int], backbone
             raise ValueError(f"backbone {backbone} has no feature map at stride {stride} (has {reductions})")
         indices.append(reductions.index(stride))
     return tuple(indices)
+
+
+def smoothing_operator(n_in: int, n_out: int, sigma: float) -> torch.Tensor:
+    """(n_out, n_in) float32: bilinear upsampling (half-pixel centres, as ``F.interpolate`` with
+    ``align_corners=False``) from ``n_in`` to ``n_out`` samples, then :func:`gaussian_blur_numpy`'s blur
+    along that axis. Built by passing each unit vector through the very same two operations."""
+    units = torch.eye(n_in)[:, None, :, None]  # (n_in, 1, n_in, 1): one unit column per map
+    upsampled = F.interpolate(units, size=(n_out, 1), mode="bilinear", align_corners=False)[:, 0, :, 0]
+    columns = upsampled.numpy().T.copy()  # (n_out, n_in): column i is unit i upsampled
+    if sigma > 0:
+        # a 1-pixel-wide image: reflect-101 in x leaves it unchanged, so this blurs along y only
+        columns = np.stack(
+            [gaussian_blur_numpy(np.ascontiguousarray(c[:, None]), sigma)[:, 0] for c in columns.T], axis=1
+        )
+    return torch.from_numpy(np.ascontiguousarray(columns, dtype=np.float32))
 
 
 def gaussian_blur_numpy(heatmap: np.ndarray, sigma: float) -> np.ndarray:
