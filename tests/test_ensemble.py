@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from imaging_ad.detectors import create_detector
+from imaging_ad.detectors import create_detector, load_detector
 from imaging_ad.detectors.ensemble import _fan_out
 from tests.synthetic import texture
 
@@ -65,3 +65,30 @@ def test_padim_member_picks_channels_from_its_own_stages(textures_small):
 def textures_small():
     rng = np.random.default_rng(1)
     return [texture(rng, 64, 64) for _ in range(12)], texture(rng, 50, 70)
+
+
+@pytest.mark.parametrize("members", [["dfm", "padim"], ["patchcore", "dfm"]])
+def test_ensemble_calibrates_on_its_members_calibration_scores(members, tmp_path):
+    """The members are standardised and the ensemble calibrated on the same held-out normals. Without a
+    member that learns from them, the calibration scores are exactly the ensemble's own scores of those
+    images; a PatchCore member learns its per-position statistics there too, and contributes its
+    leave-one-out scores, so the threshold sits above every held-out image's in-sample score."""
+    rng = np.random.default_rng(2)
+    normals = [texture(rng, 64, 64) for _ in range(16)]
+    validation = [texture(rng, 64, 64) for _ in range(10)]
+    ensemble = create_detector("ensemble", members=members, image_size=64, batch_size=8, progress=False)
+    ensemble.fit(normals, validation)
+    in_sample = max(r.score for r in ensemble.predict(validation))
+    threshold = ensemble.calibration_.image_threshold  # 1% of 10 normals: the highest score
+    if "patchcore" not in members:
+        assert threshold == pytest.approx(in_sample, rel=1e-5)
+        return
+    patchcore = ensemble.members_[members.index("patchcore")]
+    assert patchcore.position_mean_ is not None
+    assert threshold > in_sample
+    ensemble.save(tmp_path / "ensemble.safetensors")
+    loaded = load_detector(tmp_path / "ensemble.safetensors")
+    assert loaded.members_[0].position_mean_ is not None
+    assert [r.score for r in loaded.predict(validation[:3])] == [
+        r.score for r in ensemble.predict(validation[:3])
+    ]

@@ -12,7 +12,8 @@ import inspect
 import math
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -170,8 +171,20 @@ class Detector(ABC):
     def _calibrate(self, held_out: list[ImageInput]) -> Calibration:
         if len(held_out) < 2:
             raise ValueError("calibration needs at least two held-out normal images (holdout_fraction > 0)")
-        scores, pixels = self._calibration_samples(held_out)
+        with self._learning_from_held_out(held_out) as final_scores:
+            scores, pixels = self._calibration_samples(held_out)
+            scores = final_scores(scores)
         return calibrate(scores, pixels, self.target_fpr)
+
+    @contextmanager
+    def _learning_from_held_out(
+        self, held_out: list[ImageInput]
+    ) -> Iterator[Callable[[np.ndarray], np.ndarray]]:
+        """Around the pass that scores the held-out normals for calibration. Detectors that also learn from
+        them (PatchCore's per-position statistics) collect while inside and, from the function yielded,
+        return the image scores calibration should use instead of the pass's own (leave one out, so the
+        threshold is not set on in-sample scores). Nothing to learn by default."""
+        yield lambda scores: scores
 
     def _calibration_samples(self, held_out: list[ImageInput]) -> tuple[np.ndarray, np.ndarray]:
         """Image scores of the held-out normals and a sample of their heatmap pixels."""

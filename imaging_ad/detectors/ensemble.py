@@ -13,6 +13,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import numpy as np
@@ -108,24 +109,40 @@ class Ensemble(Detector):
         ]  # fmt: skip
         _fan_out(batches, consumers)
 
-    def _calibrate(self, held_out: list[ImageInput]):
-        """Standardise each member on the held-out normals first; then calibrate the ensemble on them."""
+    @contextmanager
+    def _learning_from_held_out(
+        self, held_out: list[ImageInput]
+    ) -> Iterator[Callable[[np.ndarray], np.ndarray]]:
+        """Standardise each member on the held-out normals first, in one pass in which members that learn
+        from held-out normals (PatchCore's per-position statistics) learn too. The ensemble is then
+        calibrated on the same images, with calibration scores built from the members' own calibration
+        scores (leave one out where a member learnt from these images) exactly as :meth:`_score` combines
+        them; the pass that follows supplies the heatmap pixels."""
         self.normalization_ = None
         scores: list[list[np.ndarray]] = [[] for _ in self.members_]
         pixels: list[list[np.ndarray]] = [[] for _ in self.members_]
-        for features in self._feature_batches(held_out, desc=f"{self.name}: standardise"):
-            for i, member in enumerate(self.members_):
-                s, maps = member._score(self._member_features(features, i))
-                scores[i].append(s.float().cpu().numpy())
-                pixels[i].append(maps.float().cpu().numpy().ravel())
+        with ExitStack() as learning:
+            final_scores = [
+                learning.enter_context(m._learning_from_held_out(held_out)) for m in self.members_
+            ]
+            for features in self._feature_batches(held_out, desc=f"{self.name}: standardise"):
+                for i, member in enumerate(self.members_):
+                    s, maps = member._score(self._member_features(features, i))
+                    scores[i].append(s.float().cpu().numpy())
+                    pixels[i].append(maps.float().cpu().numpy().ravel())
+            member_scores = [final(np.concatenate(s)) for final, s in zip(final_scores, scores, strict=True)]
         rows = []
-        for s, p in zip(scores, pixels, strict=True):
-            s, p = np.concatenate(s), np.concatenate(p)
+        for s, p in zip(member_scores, pixels, strict=True):
+            p = np.concatenate(p)
             rows.append(
                 [s.mean(), max(s.std(), 1e-6 * max(abs(s.mean()), 1.0)), p.mean(), max(p.std(), 1e-12)]
             )
         self.normalization_ = torch.tensor(rows, dtype=torch.float32, device=self.device_)
-        return super()._calibrate(held_out)
+        normalization = self.normalization_.cpu().numpy()
+        combined = np.mean(
+            [(s - row[0]) / row[1] for s, row in zip(member_scores, normalization, strict=True)], axis=0
+        )
+        yield lambda _: combined.astype(np.float32)
 
     # -- score ----------------------------------------------------------------------------------
 

@@ -14,7 +14,8 @@ plain distances, which localise better.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import faiss
 import numpy as np
@@ -266,20 +267,31 @@ class PatchCore(Detector):
 
     # -- calibration ----------------------------------------------------------------------------
 
-    def _calibration_samples(self, held_out: list[ImageInput]) -> tuple[np.ndarray, np.ndarray]:
+    @contextmanager
+    def _learning_from_held_out(
+        self, held_out: list[ImageInput]
+    ) -> Iterator[Callable[[np.ndarray], np.ndarray]]:
         """Learn the per-position statistics from the held-out normals in the same pass that calibrates
-        on them. Each held-out image's score standardises by the *other* images' statistics (leave one
+        on them: :meth:`_score` keeps every held-out patch distance while inside. The function yielded
+        returns each held-out image's score standardised by the *other* images' statistics (leave one
         out), so the threshold is set on scores like those unseen normal images will get."""
         self.position_mean_ = self.position_std_ = None
         if not self.position_statistics or len(held_out) < _MIN_IMAGES_FOR_POSITION_STATISTICS:
-            return super()._calibration_samples(held_out)
+            yield lambda scores: scores
+            return
         self._held_out_maps = []
         try:
-            _, pixels = super()._calibration_samples(held_out)
-            distances = torch.cat([maps for maps, _ in self._held_out_maps]).double()  # (N, P)
-            factors = torch.cat([f for _, f in self._held_out_maps]).double()
+            yield lambda _: self._learn_position_statistics()
         finally:
             self._held_out_maps = None
+
+    def _learn_position_statistics(self) -> np.ndarray:
+        """Set the statistics from the collected held-out distances; return leave-one-out image scores."""
+        if not self._held_out_maps:
+            raise RuntimeError("no held-out patch distances were collected")
+        distances = torch.cat([maps for maps, _ in self._held_out_maps]).double()  # (N, P)
+        factors = torch.cat([f for _, f in self._held_out_maps]).double()
+        self._held_out_maps = None
         n = distances.shape[0]
         total, total_squares = distances.sum(0), distances.square().sum(0)
         mean = total / n
@@ -292,8 +304,7 @@ class PatchCore(Detector):
         others_variance = (total_squares - distances.square() - (n - 1) * others_mean.square()) / (n - 2)
         standardised = (distances - others_mean) / others_variance.clamp_min(0).sqrt().clamp_min(floor)
         best, where = standardised.max(dim=1)
-        scores = factors.gather(1, where[:, None])[:, 0] * best
-        return scores.float().numpy(), pixels
+        return (factors.gather(1, where[:, None])[:, 0] * best).float().numpy()
 
     # -- persistence ----------------------------------------------------------------------------
 
