@@ -8,6 +8,7 @@ preprocessing, batching, devices, calibration, heatmap resizing and persistence 
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import os
@@ -313,12 +314,9 @@ class Detector(ABC):
             if self.blur_sigma <= 0:
                 return upsampled
             return np.stack([gaussian_blur_numpy(m, self.blur_sigma) for m in upsampled])
-        key = (h, w, size, self.blur_sigma, maps.device)
-        if getattr(self, "_smoothing_key", None) != key:
-            self._smoothing_rows = smoothing_operator(h, size, self.blur_sigma).to(maps.device)
-            self._smoothing_columns = smoothing_operator(w, size, self.blur_sigma).to(maps.device)
-            self._smoothing_key = key
-        smoothed = self._smoothing_rows @ maps.float() @ self._smoothing_columns.T
+        rows = smoothing_operator(h, size, self.blur_sigma).to(maps.device)
+        columns = smoothing_operator(w, size, self.blur_sigma).to(maps.device)
+        smoothed = rows @ maps.float() @ columns.T
         return smoothed.cpu().numpy()
 
     def _check_fitted(self) -> None:
@@ -363,6 +361,7 @@ def _indices_for_strides(reductions: list[int], strides: Iterable[int], backbone
     return tuple(indices)
 
 
+@functools.lru_cache(maxsize=16)  # a handful of (grid, input size, sigma) per process; never mutated
 def smoothing_operator(n_in: int, n_out: int, sigma: float) -> torch.Tensor:
     """(n_out, n_in) float32: bilinear upsampling (half-pixel centres, as ``F.interpolate`` with
     ``align_corners=False``) from ``n_in`` to ``n_out`` samples, then :func:`gaussian_blur_numpy`'s blur

@@ -137,8 +137,8 @@ class Ensemble(Detector):
             rows.append(
                 [s.mean(), max(s.std(), 1e-6 * max(abs(s.mean()), 1.0)), p.mean(), max(p.std(), 1e-12)]
             )
-        self.normalization_ = torch.tensor(rows, dtype=torch.float32, device=self.device_)
-        normalization = self.normalization_.cpu().numpy()
+        normalization = np.array(rows, dtype=np.float32)
+        self.normalization_ = torch.from_numpy(normalization).to(self.device_)
         combined = np.mean(
             [(s - row[0]) / row[1] for s, row in zip(member_scores, normalization, strict=True)], axis=0
         )

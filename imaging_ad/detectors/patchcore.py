@@ -291,7 +291,6 @@ class PatchCore(Detector):
             raise RuntimeError("no held-out patch distances were collected")
         distances = torch.cat([maps for maps, _ in self._held_out_maps]).double()  # (N, P)
         factors = torch.cat([f for _, f in self._held_out_maps]).double()
-        self._held_out_maps = None
         n = distances.shape[0]
         total, total_squares = distances.sum(0), distances.square().sum(0)
         mean = total / n
