@@ -7,6 +7,7 @@ with ``pretrained=False``: never as a silent fallback.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ import timm
 import torch
 from torch import nn
 
+from imaging_ad.allocator import tune_allocator_for_tensors
 from imaging_ad.backbones.bundled import BUNDLED
 from imaging_ad.backbones.errors import BackboneError, BackboneWeightsUnavailableError
 
@@ -104,7 +106,9 @@ def create_backbone(
     ``weights`` names a local ``.safetensors`` or ``.pth`` file (a timm or plain state dict) and
     takes precedence; otherwise ``pretrained=True`` uses bundled weights when the name has them and
     timm's hub download when not. ``pretrained=False`` gives random weights, on request only.
+    Creating one also tunes the C allocator for tensor work (see :mod:`imaging_ad.allocator`).
     """
+    tune_allocator_for_tensors()
     full_model, source = load_classifier(name, pretrained=pretrained, weights=weights)
     kwargs = {"out_indices": tuple(out_indices)} if out_indices is not None else {}
     features = timm.create_model(name, pretrained=False, features_only=True, **kwargs)
@@ -124,6 +128,14 @@ def create_backbone(
         reductions=list(features.feature_info.reduction()),
     )
     return FeatureExtractor(features, info)
+
+
+@functools.lru_cache(maxsize=32)
+def feature_reductions(name: str) -> tuple[int, ...]:
+    """Output stride of each feature stage of backbone ``name``, from its architecture alone (no weights
+    are read), so a detector can pick stages by stride without building the backbone twice."""
+    _check_name(name)
+    return tuple(timm.create_model(name, pretrained=False, features_only=True).feature_info.reduction())
 
 
 def load_classifier(
