@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from imaging_ad.backbones import DEFAULT_BACKBONE, FeatureExtractor, create_backbone
+from imaging_ad.backbones import DEFAULT_BACKBONE, FeatureExtractor, create_backbone, feature_reductions
 from imaging_ad.calibration import Calibration, calibrate
 from imaging_ad.detectors.inputs import Augmentation, Batch, ImageInput, PreprocessedImages, collate, prefetch
 from imaging_ad.preprocess import Preprocessor
@@ -253,8 +253,9 @@ class Detector(ABC):
     def _setup(self) -> None:
         torch.manual_seed(self.seed)
         self.device_ = _resolve_device(self.device)
-        probe = create_backbone(self.backbone, pretrained=self.pretrained, weights=self.backbone_weights)
-        indices = _indices_for_strides(probe.info.reductions, self.feature_strides, self.backbone)
+        indices = _indices_for_strides(
+            list(feature_reductions(self.backbone)), self.feature_strides, self.backbone
+        )
         self.extractor_ = create_backbone(
             self.backbone, pretrained=self.pretrained, weights=self.backbone_weights, out_indices=indices
         ).to(self.device_)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 
@@ -26,8 +27,35 @@ def greedy_coreset(
     if projection_dim and x.shape[1] > projection_dim:
         projection = torch.randn(x.shape[1], projection_dim, generator=generator, device="cpu").to(x.device)
         x = x @ (projection / math.sqrt(projection_dim))
-    squared_norms = (x * x).sum(1)
     start = int(torch.randint(n, (1,), generator=generator).item())
+    if x.device.type == "cpu":
+        return torch.from_numpy(_farthest_points_numpy(x.numpy(), k, start))
+    return _farthest_points_torch(x, k, start)
+
+
+def _farthest_points_numpy(x: np.ndarray, k: int, start: int) -> np.ndarray:
+    """The selection loop on the CPU. Each step is a few microseconds of arithmetic on a 4096 x 128
+    chunk, so per-call overhead dominates: numpy's is a fraction of torch's (0.036 s vs 0.08 s for 410
+    centres of 4096 rows; same centres)."""
+    squared_norms = np.einsum("ij,ij->i", x, x)
+    selected = np.empty(k, dtype=np.int64)
+    selected[0] = start
+    min_distance = squared_norms - 2 * (x @ x[start]) + squared_norms[start]
+    for i in range(1, k):
+        index = int(min_distance.argmax())
+        selected[i] = index
+        # |x - c|^2 = |x|^2 - 2 x.c + |c|^2, one matrix-vector product per new centre
+        distance = x @ x[index]
+        distance *= -2
+        distance += squared_norms
+        distance += squared_norms[index]
+        np.minimum(min_distance, distance, out=min_distance)
+    return selected
+
+
+def _farthest_points_torch(x: torch.Tensor, k: int, start: int) -> torch.Tensor:
+    """The same loop on an accelerator, where the data stays."""
+    squared_norms = (x * x).sum(1)
     selected = torch.empty(k, dtype=torch.long, device=x.device)
     selected[0] = start
     min_distance = squared_norms - 2 * (x @ x[start]) + squared_norms[start]
@@ -35,7 +63,6 @@ def greedy_coreset(
     for i in range(1, k):
         index = torch.argmax(min_distance)
         selected[i] = index
-        # |x - c|^2 = |x|^2 - 2 x.c + |c|^2, one matrix-vector product per new centre
         torch.mv(x, x[index], out=distance)
         distance.mul_(-2).add_(squared_norms).add_(squared_norms[index])
         torch.minimum(min_distance, distance, out=min_distance)

@@ -1,0 +1,44 @@
+"""Greedy k-centre coreset: the fast loops agree with a plain farthest-point reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from imaging_ad.detectors.coreset import StreamingCoreset, _farthest_points_torch, greedy_coreset
+
+
+def _reference_farthest_points(x: np.ndarray, k: int, start: int) -> list[int]:
+    """Textbook farthest-point selection with full pairwise distances (float64)."""
+    x = x.astype(np.float64)
+    selected = [start]
+    for _ in range(1, k):
+        distances = np.linalg.norm(x[:, None] - x[selected][None], axis=2).min(axis=1)
+        selected.append(int(distances.argmax()))
+    return selected
+
+
+def test_greedy_coreset_matches_the_reference_and_both_loops_agree() -> None:
+    rng = np.random.default_rng(3)
+    # well-separated clusters, so float32 rounding cannot change which point is farthest
+    centres = rng.normal(scale=20.0, size=(12, 6))
+    points = (centres[rng.integers(0, 12, size=300)] + rng.normal(size=(300, 6))).astype(np.float32)
+    features = torch.from_numpy(points)
+
+    chosen = greedy_coreset(features, 12, projection_dim=None, generator=torch.Generator().manual_seed(0))
+    start = int(torch.randint(300, (1,), generator=torch.Generator().manual_seed(0)).item())
+    assert chosen.tolist() == _reference_farthest_points(points, 12, start)
+    assert _farthest_points_torch(features, 12, start).tolist() == chosen.tolist()
+    # one point from each cluster: the k-centre cover
+    nearest_centre = np.linalg.norm(points[chosen.numpy()][:, None] - centres[None], axis=2).argmin(axis=1)
+    assert sorted(nearest_centre.tolist()) == list(range(12))
+
+
+def test_streaming_coreset_keeps_the_requested_bank_size() -> None:
+    generator = torch.Generator().manual_seed(0)
+    coreset = StreamingCoreset(bank_size=50, total=1000, chunk_rows=256, projection_dim=8, seed=0)
+    for rows in torch.randn(1000, 32, generator=generator).split(100):
+        coreset.add(rows)
+    bank = coreset.result()
+    assert bank.shape == (50, 32)
+    assert torch.unique(bank, dim=0).shape[0] == 50
