@@ -253,9 +253,7 @@ class Detector(ABC):
     def _setup(self) -> None:
         torch.manual_seed(self.seed)
         self.device_ = _resolve_device(self.device)
-        indices = _indices_for_strides(
-            list(feature_reductions(self.backbone)), self.feature_strides, self.backbone
-        )
+        indices = _indices_for_strides(feature_reductions(self.backbone), self.feature_strides, self.backbone)
         self.extractor_ = create_backbone(
             self.backbone, pretrained=self.pretrained, weights=self.backbone_weights, out_indices=indices
         ).to(self.device_)
@@ -353,11 +351,13 @@ def _resolve_device(device: str | torch.device) -> torch.device:
     return resolved
 
 
-def _indices_for_strides(reductions: list[int], strides: Iterable[int], backbone: str) -> tuple[int, ...]:
+def _indices_for_strides(reductions: Sequence[int], strides: Iterable[int], backbone: str) -> tuple[int, ...]:
     indices = []
     for stride in strides:
         if stride not in reductions:
-            raise ValueError(f"backbone {backbone} has no feature map at stride {stride} (has {reductions})")
+            raise ValueError(
+                f"backbone {backbone} has no feature map at stride {stride} (has {list(reductions)})"
+            )
         indices.append(reductions.index(stride))
     return tuple(indices)
 
