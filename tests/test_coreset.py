@@ -42,3 +42,17 @@ def test_streaming_coreset_keeps_the_requested_bank_size() -> None:
     bank = coreset.result()
     assert bank.shape == (50, 32)
     assert torch.unique(bank, dim=0).shape[0] == 50
+
+
+def test_streaming_coreset_does_not_depend_on_how_rows_arrive() -> None:
+    """A batch larger than a chunk is split into chunks, so selection cost stays (chunk rows x chunk
+    share) and the bank is the one that chunk-sized batches give."""
+    rows = torch.randn(1000, 32, generator=torch.Generator().manual_seed(1))
+    banks = []
+    for batch in (1000, 400, 200):
+        coreset = StreamingCoreset(bank_size=60, total=1000, chunk_rows=200, projection_dim=8, seed=0)
+        for part in rows.split(batch):
+            coreset.add(part)
+        banks.append(coreset.result())
+    assert banks[0].shape == (60, 32)
+    assert torch.equal(banks[0], banks[1]) and torch.equal(banks[0], banks[2])

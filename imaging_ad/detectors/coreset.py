@@ -91,10 +91,12 @@ class StreamingCoreset:
         self._kept_rows = 0
 
     def add(self, rows: torch.Tensor) -> None:
-        self._pending.append(rows)
-        self._pending_rows += rows.shape[0]
-        if self._pending_rows >= self.chunk_rows:
-            self._reduce_pending()
+        # a batch larger than a chunk is split: selection costs (chunk rows x chunk share) per chunk
+        for piece in rows.split(self.chunk_rows):
+            self._pending.append(piece)
+            self._pending_rows += piece.shape[0]
+            if self._pending_rows >= self.chunk_rows:
+                self._reduce_pending()
 
     def result(self) -> torch.Tensor:
         if self._pending:
