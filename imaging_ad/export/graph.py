@@ -321,7 +321,8 @@ class PaDiMHead(nn.Module):
         )
         embedding = embedding.index_select(1, self.channel_index)
         d = int(self.channel_index.shape[0])
-        delta = embedding.permute(2, 3, 0, 1).reshape(self.size * self.size, -1, d) - self.mean  # (P, B, d)
+        # (P, B, d), contiguous before the batched product as in PaDiM._score (strided: 2-4x slower)
+        delta = embedding.permute(2, 3, 0, 1).reshape(self.size * self.size, -1, d).contiguous() - self.mean
         squared = (torch.bmm(delta, self.inverse_covariance) * delta).sum(-1)  # (P, B)
         maps = squared.clamp_min(0).sqrt().T.reshape(-1, self.size, self.size)
         return maps.flatten(1).max(dim=1).values, maps
