@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from imaging_ad import create_backbone, read_image
-from imaging_ad.preprocess import Preprocessor, percentiles
+from imaging_ad.intensity import percentiles
+from imaging_ad.preprocess import Preprocessor
 
 IDENTITY = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
 

@@ -4,7 +4,7 @@ An exported model takes the *preprocessed* tensor, so wherever it runs without t
 albumentations) the same pipeline must be rebuilt from the JSON sidecar. Every step below mirrors
 ``Preprocessor`` and the albumentations transforms it composes (albumentations 2.0):
 
-- intensity scaling: identical code to ``Preprocessor.scale_intensity``;
+- intensity scaling: the same function, :func:`imaging_ad.intensity.scale_intensity`;
 - CLAHE: 8-bit OpenCV CLAHE, on the L channel of LAB for colour images (``A.CLAHE``);
 - ``A.Resize`` ("stretch"): INTER_AREA whenever either side shrinks, else the backbone's interpolation;
 - ``A.LongestMaxSize`` + ``A.PadIfNeeded`` ("letterbox"): scale the long side, ``round`` the other, INTER_AREA
@@ -22,11 +22,10 @@ from dataclasses import dataclass, fields
 import cv2
 import numpy as np
 
+from imaging_ad.intensity import INTENSITY_MODES, scale_intensity
 from imaging_ad.io.record import ImageRecord
 
 ASPECT_MODES = ("stretch", "letterbox")
-INTENSITY_MODES = ("auto", "robust", "percentile", "full_range")
-_ROBUST_SPAN = 3.0  # as imaging_ad.preprocess._ROBUST_SPAN
 _INTERPOLATION = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC, "nearest": cv2.INTER_NEAREST}
 _CLAHE_TILES = (8, 8)
 
@@ -92,30 +91,8 @@ class NumpyPreprocessor:
         )
 
     def scale_intensity(self, record: ImageRecord | np.ndarray) -> np.ndarray:
-        """Pixels -> float32 in [0, 1], same shape (as ``Preprocessor.scale_intensity``)."""
-        pixels, meta = (record.pixels, record.meta) if isinstance(record, ImageRecord) else (record, None)
-        low, high = self._intensity_range(pixels, meta)
-        scale = float(high - low) if high > low else 1.0
-        return np.clip((pixels.astype(np.float32) - float(low)) / scale, 0.0, 1.0)
-
-    def _intensity_range(self, pixels: np.ndarray, meta) -> tuple[float, float]:
-        if self.intensity == "percentile":
-            return tuple(np.percentile(pixels, self.percentiles))
-        if self.intensity == "robust":
-            sample = pixels[::2, ::2] if pixels.size > 65536 else pixels
-            q25, median, q75 = np.percentile(sample, (25, 50, 75))
-            spread = max((q75 - q25) / 1.349, 1e-6)
-            return median - _ROBUST_SPAN * spread, median + _ROBUST_SPAN * spread
-        if meta is not None and meta.voi_applied and meta.value_range is not None:
-            return meta.value_range
-        if self.intensity == "full_range" or pixels.dtype == np.uint8:
-            if meta is not None and meta.value_range is not None:
-                return meta.value_range
-            if np.issubdtype(pixels.dtype, np.integer):
-                return float(np.iinfo(pixels.dtype).min), float(np.iinfo(pixels.dtype).max)
-        if np.issubdtype(pixels.dtype, np.floating) and pixels.min() >= 0.0 and pixels.max() <= 1.0:
-            return 0.0, 1.0
-        return tuple(np.percentile(pixels, self.percentiles))
+        """Pixels -> float32 in [0, 1], same shape: the very function ``Preprocessor`` calls."""
+        return scale_intensity(record, self.intensity, self.percentiles)
 
     def _apply_clahe(self, image: np.ndarray) -> np.ndarray:
         as_uint8 = np.round(image * 255).astype(np.uint8)
