@@ -3,7 +3,9 @@
 import numpy as np
 import pytest
 
+from imaging_ad.calibration import calibrate
 from imaging_ad.detectors import create_detector, load_detector
+from imaging_ad.detectors.base import Detector
 from imaging_ad.detectors.ensemble import _fan_out
 from tests.synthetic import texture
 
@@ -92,3 +94,24 @@ def test_ensemble_calibrates_on_its_members_calibration_scores(members, tmp_path
     assert [r.score for r in loaded.predict(validation[:3])] == [
         r.score for r in ensemble.predict(validation[:3])
     ]
+
+
+def test_ensemble_calibration_reads_the_held_out_images_once():
+    """Standardising the members and sampling the ensemble's heatmap pixels share one backbone pass over
+    the held-out normals, and the pixel threshold is the one a separate pass would give."""
+    rng = np.random.default_rng(4)
+    normals = [texture(rng, 64, 64) for _ in range(16)]
+    validation = [texture(rng, 64, 64) for _ in range(10)]
+    ensemble = create_detector(
+        "ensemble", members=["dfm", "padim"], image_size=64, batch_size=8, progress=False
+    )
+    images_read = []
+    extract = ensemble._extract
+    ensemble._extract = lambda batch: (images_read.append(batch.shape[0]), extract(batch))[1]
+    ensemble.fit(normals, validation)
+    assert sum(images_read) == len(normals) + len(validation)
+
+    scores, pixels = Detector._calibration_samples(ensemble, validation)  # a separate pass, as before
+    separate = calibrate(scores, pixels, ensemble.target_fpr)
+    assert ensemble.calibration_.pixel_threshold == pytest.approx(separate.pixel_threshold, rel=1e-6)
+    assert ensemble.calibration_.image_threshold == pytest.approx(separate.image_threshold, rel=1e-5)

@@ -189,16 +189,9 @@ class Detector(ABC):
 
     def _calibration_samples(self, held_out: list[ImageInput]) -> tuple[np.ndarray, np.ndarray]:
         """Image scores of the held-out normals and a sample of their heatmap pixels."""
-        rng = np.random.default_rng(self.seed)
-        scores, pixels = [], []
-        for batch_scores, maps, _ in self._scored_batches(held_out, desc=f"{self.name}: calibrate"):
-            scores.append(batch_scores)
-            for heatmap in maps:
-                flat = heatmap.ravel()
-                pixels.append(
-                    rng.choice(flat, size=min(flat.size, _PIXELS_PER_CALIBRATION_IMAGE), replace=False)
-                )
-        return np.concatenate(scores), np.concatenate(pixels)
+        return sample_for_calibration(
+            self._scored_batches(held_out, desc=f"{self.name}: calibrate"), self.seed
+        )
 
     # -- predicting -----------------------------------------------------------------------------
 
@@ -233,20 +226,19 @@ class Detector(ABC):
     def _scored_batches(
         self, images: list[ImageInput], desc: str
     ) -> Iterator[tuple[np.ndarray, list[np.ndarray], list[str | None]]]:
-        loader = self._batches(images)
-        with tqdm(total=len(images), desc=desc, unit="img", disable=not self.progress, leave=False) as bar:
-            for batch in loader:
-                with torch.inference_mode():
-                    scores, maps = self._score(
-                        self._extract(batch.images.to(self.device_, non_blocking=True))
-                    )
-                    maps = self._smooth(maps)
-                heatmaps = [
-                    self.preprocessor_.heatmap_to_original(m, size)
-                    for m, size in zip(maps, batch.original_sizes, strict=True)
-                ]
-                bar.update(len(heatmaps))
-                yield scores.float().cpu().numpy(), heatmaps, batch.paths
+        for features, batch in self._extracted_batches(images, desc):
+            with torch.inference_mode():
+                scores, maps = self._score(features)
+            yield scores.float().cpu().numpy(), self._heatmaps(maps, batch.original_sizes), batch.paths
+
+    def _heatmaps(self, maps: torch.Tensor, original_sizes: list[tuple[int, int]]) -> list[np.ndarray]:
+        """Feature-resolution maps -> smoothed heatmaps, each at its image's original size."""
+        with torch.inference_mode():
+            smoothed = self._smooth(maps)
+        return [
+            self.preprocessor_.heatmap_to_original(m, size)
+            for m, size in zip(smoothed, original_sizes, strict=True)
+        ]
 
     # -- shared machinery -----------------------------------------------------------------------
 
@@ -283,12 +275,20 @@ class Detector(ABC):
         return iter(loader) if loader.num_workers > 0 else prefetch(loader)
 
     def _feature_batches(self, images: list[ImageInput], desc: str) -> Iterator[list[torch.Tensor]]:
+        for features, _ in self._extracted_batches(images, desc):
+            yield features
+
+    def _extracted_batches(
+        self, images: list[ImageInput], desc: str
+    ) -> Iterator[tuple[list[torch.Tensor], Batch]]:
+        """Each batch's backbone features, with the batch itself (original sizes, paths); the progress bar
+        counts a batch once the consumer is done with it."""
         with tqdm(total=len(images), desc=desc, unit="img", disable=not self.progress, leave=False) as bar:
             for batch in self._batches(images):
                 with torch.inference_mode():
                     features = self._extract(batch.images.to(self.device_, non_blocking=True))
+                yield features, batch
                 bar.update(len(batch.paths))
-                yield features
 
     def _extract(self, images: torch.Tensor) -> list[torch.Tensor]:
         if self.device_.type == "cuda":
@@ -338,6 +338,20 @@ class Detector(ABC):
         if not isinstance(detector, cls):
             raise TypeError(f"{path} holds a {type(detector).__name__}, not a {cls.__name__}")
         return detector
+
+
+def sample_for_calibration(
+    scored_batches: Iterable[tuple[np.ndarray, list[np.ndarray], Any]], seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(image scores, a random sample of each heatmap's pixels) from batches of (scores, heatmaps, ...)."""
+    rng = np.random.default_rng(seed)
+    scores, pixels = [], []
+    for batch_scores, heatmaps, *_ in scored_batches:
+        scores.append(batch_scores)
+        for heatmap in heatmaps:
+            flat = heatmap.ravel()
+            pixels.append(rng.choice(flat, size=min(flat.size, _PIXELS_PER_CALIBRATION_IMAGE), replace=False))
+    return np.concatenate(scores), np.concatenate(pixels)
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:

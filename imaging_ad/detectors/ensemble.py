@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from imaging_ad.detectors.base import Detector
+from imaging_ad.detectors.base import Detector, sample_for_calibration
 from imaging_ad.detectors.inputs import ImageInput
 from imaging_ad.detectors.registry import DETECTORS, register_detector
 from imaging_ad.detectors.trained import ImageSpaceDetector, TrainedDetector
@@ -64,6 +64,8 @@ class Ensemble(Detector):
         self._positions = [[self.feature_strides.index(s) for s in d.feature_strides] for d in self.members_]
         # per member: mean and spread of its image scores and of its heatmap pixels on normal images
         self.normalization_: torch.Tensor | None = None
+        # while calibrating: the members' outputs on each held-out batch, with its images' original sizes
+        self._held_out_outputs: list[tuple[list[tuple[torch.Tensor, torch.Tensor]], list]] | None = None
 
     # -- sharing the backbone -------------------------------------------------------------------
 
@@ -113,23 +115,26 @@ class Ensemble(Detector):
     def _learning_from_held_out(
         self, held_out: list[ImageInput]
     ) -> Iterator[Callable[[np.ndarray], np.ndarray]]:
-        """Standardise each member on the held-out normals first, in one pass in which members that learn
-        from held-out normals (PatchCore's per-position statistics) learn too. The ensemble is then
-        calibrated on the same images, with calibration scores built from the members' own calibration
-        scores (leave one out where a member learnt from these images) exactly as :meth:`_score` combines
-        them; the pass that follows supplies the heatmap pixels."""
+        """Standardise each member on the held-out normals, in one pass in which members that learn from
+        held-out normals (PatchCore's per-position statistics) learn too. The ensemble is then calibrated
+        on the same images, with calibration scores built from the members' own calibration scores (leave
+        one out where a member learnt from these images) exactly as :meth:`_score` combines them, and
+        heatmap pixels from the members' maps of that same pass (:meth:`_calibration_samples`): one
+        backbone pass over the held-out images in all."""
         self.normalization_ = None
         scores: list[list[np.ndarray]] = [[] for _ in self.members_]
         pixels: list[list[np.ndarray]] = [[] for _ in self.members_]
+        kept = []
         with ExitStack() as learning:
             final_scores = [
                 learning.enter_context(m._learning_from_held_out(held_out)) for m in self.members_
             ]
-            for features in self._feature_batches(held_out, desc=f"{self.name}: standardise"):
-                for i, member in enumerate(self.members_):
-                    s, maps = member._score(self._member_features(features, i))
+            for features, batch in self._extracted_batches(held_out, desc=f"{self.name}: standardise"):
+                outputs = [m._score(self._member_features(features, i)) for i, m in enumerate(self.members_)]
+                for i, (s, maps) in enumerate(outputs):
                     scores[i].append(s.float().cpu().numpy())
                     pixels[i].append(maps.float().cpu().numpy().ravel())
+                kept.append((outputs, batch.original_sizes))
             member_scores = [final(np.concatenate(s)) for final, s in zip(final_scores, scores, strict=True)]
         rows = []
         for s, p in zip(member_scores, pixels, strict=True):
@@ -142,14 +147,35 @@ class Ensemble(Detector):
         combined = np.mean(
             [(s - row[0]) / row[1] for s, row in zip(member_scores, normalization, strict=True)], axis=0
         )
-        yield lambda _: combined.astype(np.float32)
+        self._held_out_outputs = kept
+        try:
+            yield lambda _: combined.astype(np.float32)
+        finally:
+            self._held_out_outputs = None
+
+    def _calibration_samples(self, held_out: list[ImageInput]) -> tuple[np.ndarray, np.ndarray]:
+        """While calibrating, from the standardising pass's member outputs instead of a second pass."""
+        if self._held_out_outputs is None:
+            return super()._calibration_samples(held_out)
+
+        def scored() -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
+            for outputs, original_sizes in self._held_out_outputs:
+                scores, maps = self._combine(outputs)
+                yield scores.float().cpu().numpy(), self._heatmaps(maps, original_sizes)
+
+        return sample_for_calibration(scored(), self.seed)
 
     # -- score ----------------------------------------------------------------------------------
 
     def _score(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._combine(
+            [m._score(self._member_features(features, i)) for i, m in enumerate(self.members_)]
+        )
+
+    def _combine(self, outputs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Members' (scores, maps) -> the ensemble's: each standardised on normal images, then averaged."""
         if self.normalization_ is None:
             raise RuntimeError("the ensemble's members are not standardised yet")
-        outputs = [m._score(self._member_features(features, i)) for i, m in enumerate(self.members_)]
         grid = max((maps.shape[-2:] for _, maps in outputs), key=lambda hw: hw[0] * hw[1])
         total_scores, total_maps = 0.0, 0.0
         for (scores, maps), (s_mean, s_std, p_mean, p_std) in zip(outputs, self.normalization_, strict=True):
