@@ -15,7 +15,6 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -30,23 +29,10 @@ from imaging_ad.backbones import DEFAULT_BACKBONE, FeatureExtractor, create_back
 from imaging_ad.calibration import Calibration, calibrate
 from imaging_ad.detectors.inputs import Augmentation, Batch, ImageInput, PreprocessedImages, collate, prefetch
 from imaging_ad.preprocess import Preprocessor
+from imaging_ad.result import AnomalyResult
 
 # Enough normal pixels for a stable 99th percentile without keeping whole heatmaps.
 _PIXELS_PER_CALIBRATION_IMAGE = 4096
-
-
-@dataclass
-class AnomalyResult:
-    """One image's verdict. ``heatmap`` is float32 at the original image's height and width."""
-
-    score: float
-    normalized_score: float
-    is_anomaly: bool
-    heatmap: np.ndarray
-    path: str | None = None
-
-    def anomaly_mask(self, pixel_threshold: float) -> np.ndarray:
-        return self.heatmap >= pixel_threshold
 
 
 class Detector(ABC):

@@ -2,42 +2,21 @@
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from imaging_ad.io import ImageRecord, read_image
+from imaging_ad.io import ImageRecord
+from imaging_ad.io.items import ImageInput, item_path, to_record
 from imaging_ad.preprocess import Preprocessor
 
-#: a path, a decoded record, an array (HxW or HxWxC), or anything with a ``.path`` (a dataset Sample)
-ImageInput = str | os.PathLike | ImageRecord | np.ndarray | Any
 #: a random transform of one preprocessed (3, S, S) image tensor, used when training networks
 Augmentation = Callable[[torch.Tensor], torch.Tensor]
-
-
-def to_record(item: ImageInput) -> ImageRecord | np.ndarray:
-    if isinstance(item, (ImageRecord, np.ndarray)):
-        return item
-    if isinstance(item, (str, os.PathLike)):
-        return read_image(item)
-    if hasattr(item, "path"):
-        return read_image(item.path)
-    raise TypeError(f"cannot read an image from {type(item).__name__}; give a path, ImageRecord or array")
-
-
-def item_path(item: ImageInput) -> str | None:
-    if isinstance(item, (str, os.PathLike)):
-        return str(item)
-    if isinstance(item, ImageRecord):
-        return item.meta.path
-    return str(item.path) if hasattr(item, "path") else None
 
 
 @dataclass

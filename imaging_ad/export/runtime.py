@@ -16,7 +16,6 @@ import importlib
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,23 +25,15 @@ from imaging_ad.calibration import Calibration
 from imaging_ad.export.errors import ExportedModelError
 from imaging_ad.export.preprocessing import NumpyPreprocessor
 from imaging_ad.export.sidecar import file_sha256, is_exported_model, read_sidecar
-from imaging_ad.io import ImageRecord, read_image
+from imaging_ad.io import ImageRecord
+from imaging_ad.io.items import item_path, to_record
+from imaging_ad.result import AnomalyResult
 
 __all__ = ["ExportedModel", "ExportedResult", "OnnxBackend", "is_exported_model", "load_exported"]
 
 
-@dataclass
-class ExportedResult:
-    """One image's verdict, as :class:`imaging_ad.detectors.AnomalyResult` (which needs torch to import)."""
-
-    score: float
-    normalized_score: float
-    is_anomaly: bool
-    heatmap: np.ndarray
-    path: str | None = None
-
-    def anomaly_mask(self, pixel_threshold: float) -> np.ndarray:
-        return self.heatmap >= pixel_threshold
+#: the results of an exported model are the checkpoint's own result type, which imports no torch
+ExportedResult = AnomalyResult
 
 
 class Backend(Protocol):
@@ -164,13 +155,13 @@ class ExportedModel:
                             normalized_score=float(norm),
                             is_anomaly=bool(score > self.calibration_.image_threshold),
                             heatmap=self.preprocessor.heatmap_to_original(heatmap, size),
-                            path=_item_path(item),
+                            path=item_path(item),
                         )
                     )
         return results
 
     def _prepare(self, chunk: list) -> tuple[list, np.ndarray]:
-        records = [_to_record(item) for item in chunk]
+        records = [to_record(item) for item in chunk]
         return records, self.preprocessor.batch(records)
 
     def __repr__(self) -> str:
@@ -182,21 +173,3 @@ def load_exported(
 ) -> ExportedModel:
     """Load an exported model (``.onnx``, or TorchScript ``.pt``/``.ts``) with its ``<file>.json`` sidecar."""
     return ExportedModel.load(path, device=device, threads=threads, verify_checksum=verify_checksum)
-
-
-def _to_record(item: Any) -> ImageRecord | np.ndarray:
-    if isinstance(item, (ImageRecord, np.ndarray)):
-        return item
-    if isinstance(item, (str, os.PathLike)):
-        return read_image(item)
-    if hasattr(item, "path"):
-        return read_image(item.path)
-    raise TypeError(f"cannot read an image from {type(item).__name__}; give a path, ImageRecord or array")
-
-
-def _item_path(item: Any) -> str | None:
-    if isinstance(item, (str, os.PathLike)):
-        return str(item)
-    if isinstance(item, ImageRecord):
-        return item.meta.path
-    return str(item.path) if hasattr(item, "path") else None
