@@ -9,14 +9,11 @@ sklearn's ``score_samples`` (checked in the tests).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import torch
 from sklearn.ensemble import IsolationForest
 
-from imaging_ad.detectors.base import Detector
-from imaging_ad.detectors.features import PatchSampler, patch_rows, pooled_statistics
+from imaging_ad.detectors.pooled_and_patches import PooledAndPatchModels
 from imaging_ad.detectors.registry import register_detector
 
 
@@ -80,48 +77,17 @@ def forest_outlier_score(vectors: torch.Tensor, forest: dict[str, torch.Tensor])
 
 
 @register_detector("iforest")
-class DeepIsolationForest(Detector):
-    feature_strides = (16, 32)
+class DeepIsolationForest(PooledAndPatchModels):
+    model_description = "the isolation forest"
 
     def __init__(
         self, *, n_trees: int = 200, max_patches: int = 20_000, pool_std: bool = True, **kwargs
     ) -> None:
-        super().__init__(**kwargs)
+        super().__init__(max_patches=max_patches, pool_std=pool_std, **kwargs)
         self.n_trees = n_trees
-        self.max_patches = max_patches
-        self.pool_std = pool_std
-        self.image_forest_: dict[str, torch.Tensor] | None = None
-        self.patch_forest_: dict[str, torch.Tensor] | None = None
 
-    def _fit_stream(self, batches: Iterator[list[torch.Tensor]], n_images: int) -> None:
-        pooled, sampler = [], PatchSampler(self.max_patches, n_images, self.seed)
-        for features in batches:
-            pooled.append(pooled_statistics(features, self.pool_std).cpu())
-            sampler.add(patch_rows(features), features[0].shape[0])
-        vectors = torch.cat(pooled)
-        if vectors.shape[0] < 2:
-            raise ValueError("the isolation forest needs at least two training images")
-        self.image_forest_ = self._to_device(fit_isolation_forest(vectors, self.n_trees, self.seed))
-        self.patch_forest_ = self._to_device(fit_isolation_forest(sampler.result(), self.n_trees, self.seed))
+    def _fit_model(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        return fit_isolation_forest(rows, self.n_trees, self.seed)
 
-    def _to_device(self, forest: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.device_) for k, v in forest.items()}
-
-    def _score(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = forest_outlier_score(pooled_statistics(features, self.pool_std), self.image_forest_)
-        b, (h, w) = features[0].shape[0], features[0].shape[-2:]
-        maps = forest_outlier_score(patch_rows(features), self.patch_forest_).view(b, h, w)
-        return scores, maps
-
-    def _state(self) -> dict[str, torch.Tensor]:
-        return {
-            **{f"image.{k}": v for k, v in self.image_forest_.items()},
-            **{f"patch.{k}": v for k, v in self.patch_forest_.items()},
-        }
-
-    def _set_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        split = {"image": {}, "patch": {}}
-        for key, value in tensors.items():
-            part, name = key.split(".", 1)
-            split[part][name] = value.to(self.device_)
-        self.image_forest_, self.patch_forest_ = split["image"], split["patch"]
+    def _outlier_score(self, rows: torch.Tensor, model: dict[str, torch.Tensor]) -> torch.Tensor:
+        return forest_outlier_score(rows, model)

@@ -9,14 +9,11 @@ pickle.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import torch
 from sklearn.svm import OneClassSVM
 
-from imaging_ad.detectors.base import Detector
-from imaging_ad.detectors.features import PatchSampler, patch_rows, pooled_statistics
+from imaging_ad.detectors.pooled_and_patches import PooledAndPatchModels
 from imaging_ad.detectors.registry import register_detector
 
 
@@ -45,46 +42,15 @@ def svm_outlier_score(vectors: torch.Tensor, svm: dict[str, torch.Tensor]) -> to
 
 
 @register_detector("ocsvm")
-class DeepOneClassSVM(Detector):
-    feature_strides = (16, 32)
+class DeepOneClassSVM(PooledAndPatchModels):
+    model_description = "the one-class SVM"
 
     def __init__(self, *, nu: float = 0.1, max_patches: int = 3000, pool_std: bool = True, **kwargs) -> None:
-        super().__init__(**kwargs)
+        super().__init__(max_patches=max_patches, pool_std=pool_std, **kwargs)
         self.nu = nu
-        self.max_patches = max_patches
-        self.pool_std = pool_std
-        self.image_svm_: dict[str, torch.Tensor] | None = None
-        self.patch_svm_: dict[str, torch.Tensor] | None = None
 
-    def _fit_stream(self, batches: Iterator[list[torch.Tensor]], n_images: int) -> None:
-        pooled, sampler = [], PatchSampler(self.max_patches, n_images, self.seed)
-        for features in batches:
-            pooled.append(pooled_statistics(features, self.pool_std).cpu())
-            sampler.add(patch_rows(features), features[0].shape[0])
-        vectors = torch.cat(pooled)
-        if vectors.shape[0] < 2:
-            raise ValueError("the one-class SVM needs at least two training images")
-        self.image_svm_ = self._to_device(fit_one_class_svm(vectors, self.nu))
-        self.patch_svm_ = self._to_device(fit_one_class_svm(sampler.result(), self.nu))
+    def _fit_model(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        return fit_one_class_svm(rows, self.nu)
 
-    def _to_device(self, svm: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.device_) for k, v in svm.items()}
-
-    def _score(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = svm_outlier_score(pooled_statistics(features, self.pool_std), self.image_svm_)
-        b, (h, w) = features[0].shape[0], features[0].shape[-2:]
-        maps = svm_outlier_score(patch_rows(features), self.patch_svm_).view(b, h, w)
-        return scores, maps
-
-    def _state(self) -> dict[str, torch.Tensor]:
-        return {
-            **{f"image.{k}": v for k, v in self.image_svm_.items()},
-            **{f"patch.{k}": v for k, v in self.patch_svm_.items()},
-        }
-
-    def _set_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        split = {"image": {}, "patch": {}}
-        for key, value in tensors.items():
-            part, name = key.split(".", 1)
-            split[part][name] = value.float().to(self.device_)
-        self.image_svm_, self.patch_svm_ = split["image"], split["patch"]
+    def _outlier_score(self, rows: torch.Tensor, model: dict[str, torch.Tensor]) -> torch.Tensor:
+        return svm_outlier_score(rows, model)
