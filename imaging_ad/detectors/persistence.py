@@ -37,10 +37,26 @@ def save_detector(detector: Detector, path: Path) -> Path:
     if path.suffix != ".safetensors":
         path = path.with_name(path.name + ".safetensors")
     tensors = {_STATE_PREFIX + k: v.detach().cpu().contiguous() for k, v in detector._state().items()}
-    extractor = detector.extractor_
     description = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
+        **fitted_model_description(detector),
+        "versions": software_versions(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    description["sha256"] = _digest(description, tensors)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    save_file(tensors, str(tmp), metadata={_METADATA_KEY: json.dumps(description)})
+    tmp.replace(path)  # never leave a half-written model under the real name
+    return path
+
+
+def fitted_model_description(detector: Detector) -> dict:
+    """What a fitted model is, for a model file or an export's sidecar: detector, hyperparameters,
+    backbone (weights, normalisation, stages), preprocessing and calibration."""
+    extractor = detector.extractor_
+    return {
         "detector": detector.name,
         "params": detector.get_params(),
         "backbone": {
@@ -52,20 +68,16 @@ def save_detector(detector: Detector, path: Path) -> Path:
         },
         "preprocessing": detector.preprocessor_.to_dict(),
         "calibration": detector.calibration_.to_dict(),
-        "versions": {
-            "imaging_ad": imaging_ad.__version__,
-            "torch": torch.__version__,
-            "timm": timm.__version__,
-            "python": platform.python_version(),
-        },
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    description["sha256"] = _digest(description, tensors)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    save_file(tensors, str(tmp), metadata={_METADATA_KEY: json.dumps(description)})
-    tmp.replace(path)  # never leave a half-written model under the real name
-    return path
+
+
+def software_versions() -> dict[str, str]:
+    return {
+        "imaging_ad": imaging_ad.__version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def read_description(path: Path) -> dict:

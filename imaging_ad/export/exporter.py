@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-import timm
 import torch
 
-import imaging_ad
 from imaging_ad.detectors import Detector, load_detector, read_description
+from imaging_ad.detectors.persistence import fitted_model_description, software_versions
 from imaging_ad.export.errors import ExportError
 from imaging_ad.export.graph import ExportGraph, build_graph, exact_reference, gaussian_kernel
 from imaging_ad.export.onnx import DEFAULT_OPSET, write_onnx
@@ -152,7 +150,6 @@ def _max_relative(actual: np.ndarray, expected: np.ndarray) -> float:
 
 
 def _describe(detector: Detector, graph: ExportGraph, format: str, details: dict, source: dict) -> dict:
-    extractor = detector.extractor_
     size = detector.preprocessor_.image_size
     sigma = detector.blur_sigma
     return {
@@ -160,17 +157,7 @@ def _describe(detector: Detector, graph: ExportGraph, format: str, details: dict
         "format_version": FORMAT_VERSION,
         "model_file": None,  # filled below: the sidecar must name the file it belongs to
         "model_format": format,
-        "detector": detector.name,
-        "params": detector.get_params(),
-        "backbone": {
-            "name": extractor.name,
-            "weight_source": extractor.weight_source.to_dict(),
-            "normalization": extractor.normalization.to_dict(),
-            "channels": extractor.info.channels,
-            "reductions": extractor.info.reductions,
-        },
-        "preprocessing": detector.preprocessor_.to_dict(),
-        "calibration": detector.calibration_.to_dict(),
+        **fitted_model_description(detector),
         "graph": {
             "input": {"name": "images", "shape": ["batch", 3, size, size], "dtype": "float32"},
             "outputs": {
@@ -187,12 +174,7 @@ def _describe(detector: Detector, graph: ExportGraph, format: str, details: dict
             **details,
         },
         "source": source,
-        "versions": {
-            "imaging_ad": imaging_ad.__version__,
-            "torch": torch.__version__,
-            "timm": timm.__version__,
-            "python": platform.python_version(),
-        },
+        "versions": software_versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
