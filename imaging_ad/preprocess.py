@@ -8,7 +8,7 @@ normalisation. The geometry is invertible so heatmaps go back to the original re
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 
 import albumentations as A
 import cv2
@@ -17,9 +17,9 @@ import torch
 
 from imaging_ad.intensity import INTENSITY_MODES, scale_intensity
 from imaging_ad.io.record import ImageRecord
+from imaging_ad.preprocess_settings import ASPECT_MODES, PreprocessingSettings
 
-ASPECT_MODES = ("stretch", "letterbox")
-_INTERPOLATION = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC, "nearest": cv2.INTER_NEAREST}
+__all__ = ["ASPECT_MODES", "INTENSITY_MODES", "Geometry", "PreprocessingSettings", "Preprocessor"]
 
 
 @dataclass(frozen=True)
@@ -31,43 +31,15 @@ class Geometry:
 
 
 @dataclass
-class Preprocessor:
-    """Image record -> normalised CHW float tensor; picklable-free config saved as JSON with models.
+class Preprocessor(PreprocessingSettings):
+    """Image record -> normalised CHW float tensor, built from :class:`PreprocessingSettings` (saved as
+    JSON with models)."""
 
-    ``aspect``: ``"stretch"`` resizes to a square (keeps every pixel, distorts shape);
-    ``"letterbox"`` keeps the aspect ratio and pads with black.
-    ``intensity``: ``"auto"`` divides 8-bit data by 255 and uses the file's display range (DICOM
-    window) when known, else a percentile stretch; ``"robust"`` maps median -/+ 3 robust standard
-    deviations to [0, 1] per image (evens out exposure between images, insensitive to small
-    defects); ``"percentile"`` stretches between the ``percentiles``; ``"full_range"`` divides by
-    the dtype's range.
-    """
-
-    image_size: int = 256
-    aspect: str = "stretch"
-    intensity: str = "auto"
-    percentiles: tuple[float, float] = (0.5, 99.5)
-    clahe: bool = False
-    clahe_clip_limit: float = 2.0
-    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    interpolation: str = "bicubic"
     _pipeline: A.Compose | None = field(default=None, init=False, repr=False, compare=False)
     _gray_pipeline: A.Compose | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.aspect not in ASPECT_MODES:
-            raise ValueError(f"aspect must be one of {ASPECT_MODES}, got {self.aspect!r}")
-        if self.intensity not in INTENSITY_MODES:
-            raise ValueError(f"intensity must be one of {INTENSITY_MODES}, got {self.intensity!r}")
-        if self.interpolation not in _INTERPOLATION:
-            raise ValueError(
-                f"interpolation must be one of {tuple(_INTERPOLATION)}, got {self.interpolation!r}"
-            )
-        if self.image_size < 32:
-            raise ValueError(f"image_size must be at least 32, got {self.image_size}")
-        self.mean, self.std = tuple(self.mean), tuple(self.std)
-        self.percentiles = tuple(self.percentiles)
+        super().__post_init__()
         self._pipeline = self._build_pipeline()
         self._gray_pipeline = self._build_gray_pipeline()
 
@@ -127,26 +99,10 @@ class Preprocessor:
         out_h, out_w = original_size
         return cv2.resize(content, (out_w, out_h), interpolation=cv2.INTER_LINEAR)
 
-    # -- persistence -------------------------------------------------------------------------------
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        data.pop("_pipeline", None)
-        data.pop("_gray_pipeline", None)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict) -> Preprocessor:
-        known = {f.name for f in fields(cls) if f.init}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown preprocessing settings {sorted(unknown)}")
-        return cls(**data)
-
     # -- internals ---------------------------------------------------------------------------------
 
     def _geometry_transforms(self) -> list[A.BasicTransform]:
-        interpolation = _INTERPOLATION[self.interpolation]
+        interpolation = self.cv2_interpolation
         size = self.image_size
         if self.aspect == "stretch":
             return [A.Resize(size, size, interpolation=interpolation, area_for_downscale="image")]

@@ -17,54 +17,20 @@ albumentations) the same pipeline must be rebuilt from the JSON sidecar. Every s
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
 
 import cv2
 import numpy as np
 
-from imaging_ad.intensity import INTENSITY_MODES, scale_intensity
+from imaging_ad.intensity import scale_intensity
 from imaging_ad.io.record import ImageRecord
+from imaging_ad.preprocess_settings import PreprocessingSettings
 
-ASPECT_MODES = ("stretch", "letterbox")
-_INTERPOLATION = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC, "nearest": cv2.INTER_NEAREST}
 _CLAHE_TILES = (8, 8)
 
 
-@dataclass(frozen=True)
-class NumpyPreprocessor:
-    """Image record or array -> (3, S, S) float32 array, equal to ``Preprocessor(record).numpy()``."""
-
-    image_size: int = 256
-    aspect: str = "stretch"
-    intensity: str = "auto"
-    percentiles: tuple[float, float] = (0.5, 99.5)
-    clahe: bool = False
-    clahe_clip_limit: float = 2.0
-    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    interpolation: str = "bicubic"
-
-    def __post_init__(self) -> None:
-        if self.aspect not in ASPECT_MODES:
-            raise ValueError(f"aspect must be one of {ASPECT_MODES}, got {self.aspect!r}")
-        if self.intensity not in INTENSITY_MODES:
-            raise ValueError(f"intensity must be one of {INTENSITY_MODES}, got {self.intensity!r}")
-        if self.interpolation not in _INTERPOLATION:
-            raise ValueError(
-                f"interpolation must be one of {tuple(_INTERPOLATION)}, got {self.interpolation!r}"
-            )
-        for name in ("percentiles", "mean", "std"):
-            object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
-
-    @classmethod
-    def from_dict(cls, data: dict) -> NumpyPreprocessor:
-        """From ``Preprocessor.to_dict()`` (the sidecar's ``preprocessing``); unknown keys are refused, since
-        a setting this runtime does not know would silently change the input."""
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown preprocessing settings {sorted(unknown)}; update imaging_ad")
-        return cls(**data)
+class NumpyPreprocessor(PreprocessingSettings):
+    """Image record or array -> (3, S, S) float32 array, equal to ``Preprocessor(record).numpy()``; built
+    from the same settings (``NumpyPreprocessor.from_dict(preprocessor.to_dict())``)."""
 
     # -- the steps (same order as Preprocessor.__call__) ------------------------------------------
 
@@ -108,7 +74,7 @@ class NumpyPreprocessor:
     def _resize(self, image: np.ndarray) -> np.ndarray:
         height, width = image.shape[:2]
         size = self.image_size
-        interpolation = _INTERPOLATION[self.interpolation]
+        interpolation = self.cv2_interpolation
         if self.aspect == "stretch":
             shrinks = size < height or size < width
             return _cv2_resize(image, (size, size), cv2.INTER_AREA if shrinks else interpolation)
