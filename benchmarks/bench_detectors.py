@@ -127,7 +127,7 @@ def paired_throughput(detector, samples, chunk: int = 64, batch_size: int = 16) 
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
+    cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
