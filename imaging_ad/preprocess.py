@@ -15,19 +15,11 @@ import cv2
 import numpy as np
 import torch
 
-from imaging_ad.intensity import INTENSITY_MODES, scale_intensity
+from imaging_ad.intensity import INTENSITY_MODES
 from imaging_ad.io.record import ImageRecord
-from imaging_ad.preprocess_settings import ASPECT_MODES, PreprocessingSettings
+from imaging_ad.preprocess_settings import ASPECT_MODES, Geometry, PreprocessingSettings
 
 __all__ = ["ASPECT_MODES", "INTENSITY_MODES", "Geometry", "PreprocessingSettings", "Preprocessor"]
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """Where the original image sits inside the square model input."""
-
-    original_size: tuple[int, int]  # (height, width)
-    content_box: tuple[int, int, int, int]  # (top, left, height, width) inside the model input
 
 
 @dataclass
@@ -52,21 +44,6 @@ class Preprocessor(PreprocessingSettings):
 
     # -- the steps ---------------------------------------------------------------------------------
 
-    def scale_intensity(self, record: ImageRecord | np.ndarray) -> np.ndarray:
-        """Pixels -> float32 in [0, 1], same shape (:func:`imaging_ad.intensity.scale_intensity`)."""
-        return scale_intensity(record, self.intensity, self.percentiles)
-
-    def geometry(self, original_size: tuple[int, int]) -> Geometry:
-        height, width = original_size
-        size = self.image_size
-        if self.aspect == "stretch":
-            return Geometry((height, width), (0, 0, size, size))
-        scale = size / max(height, width)
-        new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
-        # PadIfNeeded(position="center") puts the odd pixel at the bottom/right.
-        top, left = (size - new_h) // 2, (size - new_w) // 2
-        return Geometry((height, width), (top, left, new_h, new_w))
-
     def __call__(self, record: ImageRecord | np.ndarray) -> torch.Tensor:
         """One image -> (3, image_size, image_size) float32 tensor ready for the backbone."""
         image = self.scale_intensity(record)
@@ -87,17 +64,6 @@ class Preprocessor(PreprocessingSettings):
         if out.ndim == 2:
             out = np.repeat(out[..., None], 3, axis=2)
         return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))
-
-    def heatmap_to_original(self, heatmap: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
-        """Model-input-sized (or any square) heatmap -> float32 heatmap at ``original_size``."""
-        geometry = self.geometry(original_size)
-        heatmap = np.asarray(heatmap, dtype=np.float32)
-        if heatmap.shape != (self.image_size, self.image_size):
-            heatmap = cv2.resize(heatmap, (self.image_size, self.image_size), interpolation=cv2.INTER_LINEAR)
-        top, left, height, width = geometry.content_box
-        content = heatmap[top : top + height, left : left + width]
-        out_h, out_w = original_size
-        return cv2.resize(content, (out_w, out_h), interpolation=cv2.INTER_LINEAR)
 
     # -- internals ---------------------------------------------------------------------------------
 

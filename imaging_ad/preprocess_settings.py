@@ -1,6 +1,7 @@
-"""The settings a model's preprocessing is saved with, checked in one place for both implementations:
-:class:`imaging_ad.preprocess.Preprocessor` (albumentations, torch) and the torch-free
-:class:`imaging_ad.export.preprocessing.NumpyPreprocessor`."""
+"""The settings a model's preprocessing is saved with, and what follows from them alone (intensity
+scaling, where the image sits in the model input, heatmaps back to the original size), in one place
+for both implementations: :class:`imaging_ad.preprocess.Preprocessor` (albumentations, torch) and the
+torch-free :class:`imaging_ad.export.preprocessing.NumpyPreprocessor`."""
 
 from __future__ import annotations
 
@@ -8,12 +9,22 @@ from dataclasses import dataclass, fields
 from typing import TypeVar
 
 import cv2
+import numpy as np
 
-from imaging_ad.intensity import INTENSITY_MODES
+from imaging_ad.intensity import INTENSITY_MODES, scale_intensity
+from imaging_ad.io.record import ImageRecord
 
 ASPECT_MODES = ("stretch", "letterbox")
 INTERPOLATIONS = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC, "nearest": cv2.INTER_NEAREST}
 _Settings = TypeVar("_Settings", bound="PreprocessingSettings")  # typing.Self needs Python 3.11
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where the original image sits inside the square model input."""
+
+    original_size: tuple[int, int]  # (height, width)
+    content_box: tuple[int, int, int, int]  # (top, left, height, width) inside the model input
 
 
 @dataclass
@@ -68,3 +79,30 @@ class PreprocessingSettings:
         if unknown:
             raise ValueError(f"unknown preprocessing settings {sorted(unknown)}; update imaging_ad")
         return cls(**data)
+
+    # -- what both implementations compute alike ---------------------------------------------------
+
+    def scale_intensity(self, record: ImageRecord | np.ndarray) -> np.ndarray:
+        """Pixels -> float32 in [0, 1], same shape (:func:`imaging_ad.intensity.scale_intensity`)."""
+        return scale_intensity(record, self.intensity, self.percentiles)
+
+    def geometry(self, original_size: tuple[int, int]) -> Geometry:
+        height, width = original_size
+        size = self.image_size
+        if self.aspect == "stretch":
+            return Geometry((height, width), (0, 0, size, size))
+        scale = size / max(height, width)
+        new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
+        # PadIfNeeded(position="center") puts the odd pixel at the bottom/right.
+        top, left = (size - new_h) // 2, (size - new_w) // 2
+        return Geometry((height, width), (top, left, new_h, new_w))
+
+    def heatmap_to_original(self, heatmap: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
+        """Model-input-sized (or any square) heatmap -> float32 heatmap at ``original_size``."""
+        heatmap = np.asarray(heatmap, dtype=np.float32)
+        if heatmap.shape != (self.image_size, self.image_size):
+            heatmap = cv2.resize(heatmap, (self.image_size, self.image_size), interpolation=cv2.INTER_LINEAR)
+        top, left, height, width = self.geometry(original_size).content_box
+        content = heatmap[top : top + height, left : left + width]
+        out_h, out_w = original_size
+        return cv2.resize(content, (out_w, out_h), interpolation=cv2.INTER_LINEAR)

@@ -21,7 +21,6 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-from imaging_ad.intensity import scale_intensity
 from imaging_ad.io.record import ImageRecord
 from imaging_ad.preprocess_settings import PreprocessingSettings
 
@@ -56,10 +55,6 @@ class NumpyPreprocessor(PreprocessingSettings):
             else np.zeros((0, 3, self.image_size, self.image_size), np.float32)
         )
 
-    def scale_intensity(self, record: ImageRecord | np.ndarray) -> np.ndarray:
-        """Pixels -> float32 in [0, 1], same shape: the very function ``Preprocessor`` calls."""
-        return scale_intensity(record, self.intensity, self.percentiles)
-
     def _apply_clahe(self, image: np.ndarray) -> np.ndarray:
         as_uint8 = np.round(image * 255).astype(np.uint8)
         clahe = cv2.createCLAHE(clipLimit=self.clahe_clip_limit, tileGridSize=_CLAHE_TILES)
@@ -72,40 +67,17 @@ class NumpyPreprocessor(PreprocessingSettings):
         return out.astype(np.float32) / 255.0
 
     def _resize(self, image: np.ndarray) -> np.ndarray:
+        """Resize into the content box of :meth:`geometry` and zero-pad around it; INTER_AREA whenever a
+        side shrinks, as albumentations does."""
         height, width = image.shape[:2]
         size = self.image_size
-        interpolation = self.cv2_interpolation
-        if self.aspect == "stretch":
-            shrinks = size < height or size < width
-            return _cv2_resize(image, (size, size), cv2.INTER_AREA if shrinks else interpolation)
-        scale = size / max(height, width)
-        new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
-        image = _cv2_resize(image, (new_h, new_w), cv2.INTER_AREA if scale < 1.0 else interpolation)
-        top, left = int((size - new_h) / 2.0), int((size - new_w) / 2.0)
+        top, left, new_h, new_w = self.geometry((height, width)).content_box
+        shrinks = new_h < height or new_w < width
+        image = _cv2_resize(image, (new_h, new_w), cv2.INTER_AREA if shrinks else self.cv2_interpolation)
+        if (new_h, new_w) == (size, size):
+            return image
         pad = ((top, size - new_h - top), (left, size - new_w - left)) + ((0, 0),) * (image.ndim - 2)
         return np.pad(image, pad, mode="constant", constant_values=0)
-
-    # -- geometry ---------------------------------------------------------------------------------
-
-    def content_box(self, original_size: tuple[int, int]) -> tuple[int, int, int, int]:
-        """(top, left, height, width) of the image inside the square model input."""
-        height, width = original_size
-        size = self.image_size
-        if self.aspect == "stretch":
-            return 0, 0, size, size
-        scale = size / max(height, width)
-        new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
-        return (size - new_h) // 2, (size - new_w) // 2, new_h, new_w
-
-    def heatmap_to_original(self, heatmap: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
-        """Model-input heatmap -> float32 heatmap at ``original_size`` (as ``Preprocessor.heatmap_to_original``)."""
-        heatmap = np.asarray(heatmap, dtype=np.float32)
-        if heatmap.shape != (self.image_size, self.image_size):
-            heatmap = cv2.resize(heatmap, (self.image_size, self.image_size), interpolation=cv2.INTER_LINEAR)
-        top, left, height, width = self.content_box(original_size)
-        content = heatmap[top : top + height, left : left + width]
-        out_h, out_w = original_size
-        return cv2.resize(content, (out_w, out_h), interpolation=cv2.INTER_LINEAR)
 
 
 def _cv2_resize(image: np.ndarray, shape: tuple[int, int], interpolation: int) -> np.ndarray:
