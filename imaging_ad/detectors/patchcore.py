@@ -32,6 +32,10 @@ from imaging_ad.detectors.registry import register_detector
 _EXACT_SEARCH_LIMIT = 4096
 # With fewer held-out normals per-position statistics are too noisy to standardise by.
 _MIN_IMAGES_FOR_POSITION_STATISTICS = 8
+# Each image's top patches searched again at this wider beam before the exact passes (see
+# _search_top_again): 8 and 32 left those passes a quarter of the rows on magnetic_tile.
+_TOP_PATCHES_SEARCHED_AGAIN = 8
+_WIDER_EF_SEARCH = 32
 
 
 @register_detector("patchcore")
@@ -190,6 +194,7 @@ class PatchCore(Detector):
         patch_scores = distances.view(b, h * w)
         nearest = indices.view(b, h * w)
         if self._uses_graph():
+            self._search_top_again(queries, patch_scores, nearest)
             self._make_maximum_exact(queries, patch_scores, nearest)
         if self._held_out_maps is not None:
             # calibrating: which patch will rank first is known only once the statistics are, so keep
@@ -210,6 +215,28 @@ class PatchCore(Detector):
 
     def _uses_graph(self) -> bool:
         return isinstance(self._index, faiss.IndexHNSWFlat)
+
+    def _search_top_again(
+        self, queries: torch.Tensor, patch_scores: torch.Tensor, nearest: torch.Tensor
+    ) -> None:
+        """A graph search that misses a patch's nearest row overestimates its distance, so the misses
+        gather at the top of each image's ranking, where :meth:`_make_maximum_exact` must then recompute
+        many rows (a full read of the bank per pass). Searching each image's top few patches again at a
+        wider beam corrects most misses for a fraction of that: on magnetic_tile the exact passes got a
+        quarter of the rows and scoring fell from 5.2 to 3.4-4.2 ms per image. Distances only go down,
+        so they stay upper bounds and the exact passes keep their guarantee."""
+        # (only on CPU: the graph index exists there alone)
+        k = min(_TOP_PATCHES_SEARCHED_AGAIN, patch_scores.shape[1])
+        top = self._ranked(patch_scores).topk(k, dim=1).indices  # (B, k)
+        rows = queries.gather(1, top[..., None].expand(-1, -1, queries.shape[2]))
+        wider = faiss.SearchParametersHNSW(efSearch=max(_WIDER_EF_SEARCH, self.hnsw_ef_search))
+        squared, found = self._index.search(rows.reshape(-1, rows.shape[2]).float().numpy(), 1, params=wider)
+        distances = torch.from_numpy(squared[:, 0]).clamp_min_(0).sqrt_().view_as(top)
+        found = torch.from_numpy(found[:, 0]).view_as(top)
+        current = patch_scores.gather(1, top)
+        closer = (distances < current) & (found >= 0)  # faiss pads with -1 when it finds nothing
+        patch_scores.scatter_(1, top, torch.where(closer, distances, current))
+        nearest.scatter_(1, top, torch.where(closer, found, nearest.gather(1, top)))
 
     def _make_maximum_exact(
         self, queries: torch.Tensor, patch_scores: torch.Tensor, nearest: torch.Tensor
