@@ -7,7 +7,6 @@ the model file's own checksum (which ``load_detector`` verifies): a registry ent
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 from collections import OrderedDict
@@ -16,6 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from imaging_ad.io.checksum import file_sha256
 
 if TYPE_CHECKING:  # pragma: no cover
     from imaging_ad.detectors import Detector
@@ -35,14 +36,6 @@ class ModelEntry:
     def label(self) -> str:
         """What the model dropdown shows; also the key the UI passes back."""
         return f"{self.name} ({self.source})"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def shipped_models(weights_dir: Path) -> list[ModelEntry]:
@@ -114,7 +107,7 @@ class ModelCache:
                 self._items.move_to_end(key)
                 return self._items[key]
             if isinstance(entry, ModelEntry) and entry.sha256 and key not in self._verified:
-                actual = sha256_file(path)
+                actual = file_sha256(path)
                 if actual != entry.sha256:
                     raise ValueError(
                         f"{path.name}: SHA-256 {actual[:12]}... differs from the registry's "

@@ -13,9 +13,10 @@ import pytest
 
 from demo import feedback
 from demo.config import EXAMPLES_DIR, WEIGHTS_DIR, DemoConfig
-from demo.models import ModelCache, fingerprint, sha256_file, shipped_models
+from demo.models import ModelCache, fingerprint, shipped_models
 from demo.safety import UnsafeInputError
 from demo.service import DemoService
+from imaging_ad.io.checksum import file_sha256
 
 EXAMPLES = sorted(EXAMPLES_DIR.glob("*.jpeg"))
 
@@ -41,7 +42,7 @@ def test_shipped_model_and_examples_are_in_the_repository() -> None:
     assert [e.name for e in entries] == [m["name"] for m in registry["models"]]
     default = entries[0]
     assert default.path.stat().st_size < 5 * 1024 * 1024  # "a few MB at most"
-    assert sha256_file(default.path) == default.sha256
+    assert file_sha256(default.path) == default.sha256
     assert len(EXAMPLES) >= 6
     assert {p.name.split("_")[0] for p in EXAMPLES} == {"normal", "pneumonia"}
 

@@ -32,7 +32,8 @@ from imaging_ad.export import (
     load_exported,
 )
 from imaging_ad.export.graph import GaussianSmoothing
-from imaging_ad.export.sidecar import file_sha256, sidecar_path
+from imaging_ad.export.sidecar import sidecar_path
+from imaging_ad.io.checksum import file_sha256
 from imaging_ad.preprocess import Preprocessor
 from tests.synthetic import make_texture_dataset, paste_defect, texture
 from tests.test_detectors import FAST

@@ -11,22 +11,15 @@ small (``--bank`` rows of float32) so that the file stays a few MB and fits in t
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import time
 from pathlib import Path
 
+from imaging_ad.io.checksum import file_sha256
+
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "chest_xray"
 MODEL_NAME = "chest_xray_patchcore"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def build(data: Path, bank: int, image_size: int, out_dir: Path, evaluate_model: bool = True) -> dict:
@@ -59,7 +52,7 @@ def build(data: Path, bank: int, image_size: int, out_dir: Path, evaluate_model:
         "image_size": image_size,
         "memory_bank_rows": int(detector.memory_bank_.shape[0]),
         "size_bytes": path.stat().st_size,
-        "sha256": sha256_file(path),
+        "sha256": file_sha256(path),
         "fit_seconds": round(fit_seconds, 1),
         "trained_on": f"chest_xray/train/NORMAL ({len(dataset.train)} images)",
         "licence_of_training_data": "CC BY 4.0",

@@ -8,7 +8,6 @@ with ``pretrained=False``: never as a silent fallback.
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +21,7 @@ from torch import nn
 from imaging_ad.allocator import tune_allocator_for_tensors
 from imaging_ad.backbones.bundled import BUNDLED
 from imaging_ad.backbones.errors import BackboneError, BackboneWeightsUnavailableError
+from imaging_ad.io.checksum import file_sha256
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 
@@ -150,7 +150,7 @@ def load_classifier(
         path = Path(weights)
         state_dict = read_state_dict(path)
         _load_checked(model, state_dict, name, allow_missing_head=True, origin=str(path))
-        return model.eval(), WeightSource("file", str(path.resolve()), _sha256(path))
+        return model.eval(), WeightSource("file", str(path.resolve()), file_sha256(path))
     if not pretrained:
         return model.eval(), WeightSource("random")
     if name in BUNDLED and BUNDLED[name].is_installed():
@@ -287,11 +287,3 @@ def _check_name(name: str) -> None:
     close = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=6, cutoff=0.6)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     raise BackboneError(f"unknown backbone {name!r}: timm has no model of that name.{hint}")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

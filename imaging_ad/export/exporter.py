@@ -22,8 +22,9 @@ from imaging_ad.detectors.persistence import fitted_model_description, software_
 from imaging_ad.export.errors import ExportError
 from imaging_ad.export.graph import ExportGraph, build_graph, exact_reference, gaussian_kernel
 from imaging_ad.export.onnx import DEFAULT_OPSET, write_onnx
-from imaging_ad.export.sidecar import FORMAT, FORMAT_VERSION, file_sha256, sidecar_path
+from imaging_ad.export.sidecar import FORMAT, FORMAT_VERSION, sidecar_path
 from imaging_ad.export.torchscript import write_torchscript
+from imaging_ad.io.checksum import file_sha256
 
 #: relative score and heatmap (relative to the heatmap's maximum) differences an export must stay within
 SCORE_RTOL = 1e-4

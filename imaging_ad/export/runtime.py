@@ -24,8 +24,9 @@ import numpy as np
 from imaging_ad.calibration import Calibration
 from imaging_ad.export.errors import ExportedModelError
 from imaging_ad.export.preprocessing import NumpyPreprocessor
-from imaging_ad.export.sidecar import file_sha256, is_exported_model, read_sidecar
+from imaging_ad.export.sidecar import is_exported_model, read_sidecar
 from imaging_ad.io import ImageRecord
+from imaging_ad.io.checksum import file_sha256
 from imaging_ad.io.items import item_path, to_record
 from imaging_ad.result import AnomalyResult
 

@@ -7,7 +7,6 @@ the model file, which is checked on load so a swapped or damaged file is refused
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -24,14 +23,6 @@ MODEL_SUFFIXES = {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript"}
 def sidecar_path(model_path: str | os.PathLike) -> Path:
     model_path = Path(model_path)
     return model_path.with_name(model_path.name + SUFFIX)
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def is_exported_model(path: str | os.PathLike) -> bool:
