@@ -115,7 +115,8 @@ def paired_throughput(detector, samples, chunk: int = 64, batch_size: int = 16) 
     detector.predict([s.path for s in samples[:batch_size]])
     for start in range(0, len(samples), chunk):
         part = samples[start : start + chunk]
-        tensors = torch.stack([detector.preprocessor_(read_image(s.path)) for s in part])
+        paths = [s.path for s in part]
+        tensors = torch.stack([detector.preprocessor_(read_image(path)) for path in paths])
         begin = time.perf_counter()
         with torch.inference_mode():
             for batch in tensors.split(batch_size):
@@ -124,11 +125,11 @@ def paired_throughput(detector, samples, chunk: int = 64, batch_size: int = 16) 
                 torch.cuda.synchronize()
         backbone_seconds += time.perf_counter() - begin
         begin = time.perf_counter()
-        for _ in detector._feature_batches([s.path for s in part], desc="read+backbone"):
+        for _ in detector._feature_batches(paths, desc="read+backbone"):
             pass
         read_backbone_seconds += time.perf_counter() - begin
         begin = time.perf_counter()
-        detector.predict([s.path for s in part])
+        detector.predict(paths)
         predict_seconds += time.perf_counter() - begin
     n = len(samples)
     return n / predict_seconds, n / backbone_seconds, n / read_backbone_seconds
