@@ -88,7 +88,7 @@ def run_pair(dataset_dir: str, detector_name: str, params: dict) -> dict:
 def extraction_time(detector, samples) -> float:
     """Seconds to read, preprocess and run the backbone over ``samples``: the floor for fit time."""
     start = time.perf_counter()
-    for _ in detector._feature_batches(list(samples), desc="extract"):
+    for _ in detector.extracted_batches(list(samples), desc="extract"):
         pass
     return time.perf_counter() - start
 
@@ -103,29 +103,28 @@ def paired_throughput(detector, samples, chunk: int = 64, batch_size: int = 16) 
     run that backbone when predicting; it is still the reference figure."""
     import torch
 
-    from imaging_ad.detectors.base import Detector
     from imaging_ad.io import read_image
 
     samples = list(samples)
     predict_seconds = backbone_seconds = read_backbone_seconds = 0.0
     with torch.inference_mode():  # warm-up of both paths
-        Detector._extract(
-            detector, detector.preprocessor_(read_image(samples[0].path))[None].to(detector.device_)
+        detector._extract(
+            torch.from_numpy(detector.preprocessor_(read_image(samples[0].path)))[None].to(detector.device_)
         )
     detector.predict([s.path for s in samples[:batch_size]])
     for start in range(0, len(samples), chunk):
         part = samples[start : start + chunk]
         paths = [s.path for s in part]
-        tensors = torch.stack([detector.preprocessor_(read_image(path)) for path in paths])
+        tensors = torch.from_numpy(detector.preprocessor_.batch([read_image(path) for path in paths]))
         begin = time.perf_counter()
         with torch.inference_mode():
             for batch in tensors.split(batch_size):
-                Detector._extract(detector, batch.to(detector.device_))
+                detector._extract(batch.to(detector.device_))
             if detector.device_.type == "cuda":
                 torch.cuda.synchronize()
         backbone_seconds += time.perf_counter() - begin
         begin = time.perf_counter()
-        for _ in detector._feature_batches(paths, desc="read+backbone"):
+        for _ in detector.extracted_batches(paths, desc="read+backbone"):
             pass
         read_backbone_seconds += time.perf_counter() - begin
         begin = time.perf_counter()

@@ -54,7 +54,6 @@ def parity(results: list, reference: list) -> tuple[float, float]:
 
 
 def run_pair(dataset, detector_name: str, model_dir: Path, records: list, threads: int | None) -> dict:
-    import faiss
 
     from imaging_ad.detectors import load_detector
     from imaging_ad.export import export_model, load_exported
@@ -69,11 +68,11 @@ def run_pair(dataset, detector_name: str, model_dir: Path, records: list, thread
         files = export_model(checkpoint, model_dir / f"{checkpoint.stem}-{format}", format)
         exports[format] = {"seconds": time.perf_counter() - start, "mb": files.model.stat().st_size / 1e6}
         runners[format] = load_exported(files.model, device="cpu", threads=threads).predict
-    approximate = isinstance(getattr(detector, "_index", None), faiss.IndexHNSWFlat)
+    approximate = "approximate" in detector.export_notes().get("checkpoint_search", "")
     if approximate:  # the checkpoint searching exactly, as the export does
         exact = load_detector(checkpoint, device="cpu")
-        exact.progress, exact.search = False, "flat"
-        exact._build_index()
+        exact.progress = False
+        exact.head_ = exact.export_head()
         runners["checkpoint, exact search"] = exact.predict
 
     for run in runners.values():  # warm-up: thread pools, oneDNN/ORT kernels, TorchScript profiling

@@ -4,7 +4,7 @@ Each heatmap mode runs in its own child process, so peak RSS is that scan's alon
 backbone-only forward throughput is measured on the same images at the model's input size (images
 preprocessed outside the timer, one batch at a time, the detector's own truncated backbone and batch
 size) right before and right after the scan, and averaged: CPU speed drifts on a shared machine. The
-scan/backbone ratio is what the scan is judged by; model-only throughput (``score_tensor``: backbone,
+scan/backbone ratio is what the scan is judged by; model-only throughput (``score_batch``: backbone,
 the detector's scoring and smoothing, no I/O) is the ceiling any scan of that model can reach. ``--n``
 builds a folder of that many files by hard-linking the source images (in sub-folders of 1000) to
 measure memory on a large folder.
@@ -41,7 +41,9 @@ def _batches(detector, paths: list[Path], batch_size: int):
     from imaging_ad.io import read_image
 
     for i in range(0, len(paths), batch_size):
-        yield torch.stack([detector.preprocessor_(read_image(p)) for p in paths[i : i + batch_size]])
+        yield torch.from_numpy(
+            detector.preprocessor_.batch([read_image(p) for p in paths[i : i + batch_size]])
+        )
 
 
 def backbone_throughput(detector, paths: list[Path], batch_size: int) -> float:
@@ -62,12 +64,12 @@ def backbone_throughput(detector, paths: list[Path], batch_size: int) -> float:
 
 
 def model_throughput(detector, paths: list[Path], batch_size: int) -> float:
-    """Images/s of ``score_tensor`` (backbone + the detector's scoring + smoothing), no I/O: the ceiling
+    """Images/s of ``score_batch`` (backbone + the detector's scoring + smoothing), no I/O: the ceiling
     for any scan, since a scan has to do all of it."""
     seconds, n = 0.0, 0
     for batch in _batches(detector, paths, batch_size):
         start = time.perf_counter()
-        detector.score_tensor(batch)
+        detector.score_batch(batch)
         seconds += time.perf_counter() - start
         n += len(batch)
     return n / seconds
@@ -242,7 +244,7 @@ def main() -> int:
         r = rows[0]
         note = (
             f"Batch size {r['batch_size']}, {r['workers']} reader threads, {r['torch_threads']} torch threads; "
-            f"model-only (score_tensor: backbone + scoring + smoothing) and backbone-only on the first "
+            f"model-only (score_batch: backbone + scoring + smoothing) and backbone-only on the first "
             f"{r['backbone_images']} of the scanned files, preprocessed outside the timer, before and after "
             f"each scan (averaged); peak RSS is the scan process's maximum, model load included."
         )

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from imaging_ad.backbones import create_backbone
 from imaging_ad.data import discover_dataset
-from imaging_ad.detectors.coreset import greedy_coreset
+from imaging_ad.detectors.components.coreset import greedy_coreset
 from imaging_ad.io import read_image
 from imaging_ad.metrics import evaluation_report
 from imaging_ad.preprocess import Preprocessor

@@ -118,12 +118,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "demo", help="web demo (Gradio): inspect, review, batch, learn; serves 127.0.0.1 unless --host"
     )
-    try:  # options live with the demo (also `python -m demo`); importing them loads no Gradio
-        from demo.launcher import add_arguments as demo_arguments
-    except ImportError:  # demo/ not installed alongside: `imaging-ad demo` says so when run
-        pass
-    else:
-        demo_arguments(p)
+    from imaging_ad.app.launcher import add_arguments as demo_arguments  # loads no Gradio
+
+    demo_arguments(p)
     p.set_defaults(run=_demo)
     return parser
 
@@ -200,44 +197,44 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     from imaging_ad.export.runtime import is_exported_model, load_exported
-    from imaging_ad.io import read_image
+    from imaging_ad.inference import stream
     from imaging_ad.visualize import overlay, save_png
 
     if is_exported_model(args.model):  # ONNX runs without torch: import no detector code for it
-        detector = load_exported(args.model, device=args.device)
+        model = load_exported(args.model, device=args.device)
     else:
         from imaging_ad.detectors import load_detector
 
-        detector = load_detector(Path(args.model), device=args.device)
+        model = load_detector(Path(args.model), device=args.device)
     paths = _expand_inputs(args.inputs)
     if not paths:
         raise ValueError("no image files found in the given inputs")
     rows = []
-    chunk = max(detector.batch_size * 4, 1)  # bounded memory however many files are given
-    for offset in range(0, len(paths), chunk):
-        readable = []
-        for path in paths[offset : offset + chunk]:  # a bad file gets a row with its error, the run goes on
-            try:
-                readable.append((path, read_image(path)))
-            except ImageReadError as exc:
-                rows.append({"path": str(path), "error": str(exc)})
-        results = detector.predict([record for _, record in readable]) if readable else []
-        for (path, record), result in zip(readable, results, strict=True):
-            row = {
-                "path": str(path),
-                "score": result.score,
-                "normalized_score": result.normalized_score,
-                "is_anomaly": result.is_anomaly,
-                "threshold": detector.calibration_.image_threshold,
-                "height": record.meta.height,
-                "width": record.meta.width,
-            }
-            if args.heatmaps:
-                out = Path(args.heatmaps) / f"{len(rows):05d}_{path.stem}_heatmap.png"  # stems can repeat
-                row["heatmap"] = str(save_png(out, overlay(record.pixels, result.heatmap)))
-            rows.append(row)
-            flag = "ANOMALY" if result.is_anomaly else "normal "
-            print(f"{flag}  {result.normalized_score:.3f}  {result.score:10.4f}  {path}")
+    keep = bool(args.heatmaps)  # overlays need the pixels
+    for outcome in stream(model, paths, keep_records=keep):  # a bad file gets a row with its error
+        if not outcome.ok:
+            rows.append({"path": outcome.path, "error": outcome.error})
+            continue
+        result = outcome.result
+        height, width = outcome.size
+        row = {
+            "path": outcome.path,
+            "score": result.score,
+            "normalized_score": result.normalized_score,
+            "is_anomaly": result.is_anomaly,
+            "threshold": model.calibration_.image_threshold,
+            "height": height,
+            "width": width,
+        }
+        if args.heatmaps:
+            pixels = getattr(outcome.record, "pixels", outcome.record)
+            out = (
+                Path(args.heatmaps) / f"{len(rows):05d}_{Path(outcome.path).stem}_heatmap.png"
+            )  # stems can repeat
+            row["heatmap"] = str(save_png(out, overlay(pixels, result.heatmap)))
+        rows.append(row)
+        flag = "ANOMALY" if result.is_anomaly else "normal "
+        print(f"{flag}  {result.normalized_score:.3f}  {result.score:10.4f}  {outcome.path}")
     for row in rows:
         if "error" in row:
             print(f"ERROR    {row['error']}", file=sys.stderr)
@@ -326,12 +323,8 @@ def _backbones(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    try:
-        from demo.launcher import run
-    except ImportError as exc:
-        raise RuntimeError(
-            f"the demo package is not installed ({exc}); install the project with `pip install -e .`"
-        ) from exc
+    from imaging_ad.app.launcher import run
+
     return run(args)
 
 

@@ -5,7 +5,7 @@ import torch
 from sklearn.ensemble import IsolationForest
 from sklearn.svm import OneClassSVM
 
-from imaging_ad.detectors.features import PatchSampler
+from imaging_ad.detectors.components.features import PatchSampler
 from imaging_ad.detectors.iforest import fit_isolation_forest, forest_outlier_score
 from imaging_ad.detectors.ocsvm import fit_one_class_svm, svm_outlier_score
 

@@ -5,7 +5,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from imaging_ad.detectors.coreset import StreamingCoreset, _farthest_points_torch, greedy_coreset
+from imaging_ad.detectors.components.coreset import (
+    StreamingCoreset,
+    _farthest_points_torch,
+    greedy_coreset,
+    select_more_centres,
+)
 
 
 def _reference_farthest_points(x: np.ndarray, k: int, start: int) -> list[int]:
@@ -56,3 +61,12 @@ def test_streaming_coreset_does_not_depend_on_how_rows_arrive() -> None:
         banks.append(coreset.result())
     assert banks[0].shape == (60, 32)
     assert torch.equal(banks[0], banks[1]) and torch.equal(banks[0], banks[2])
+
+
+def test_select_more_centres_continues_k_centre_from_the_centres() -> None:
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0]])
+    candidates = torch.tensor([[0.0, 0.0], [0.1, 0.0], [5.0, 5.0], [5.0, 4.8], [20.0, 0.0]])
+    chosen = select_more_centres(centres, candidates, 3).tolist()
+    assert chosen == [4, 2, 3]  # farthest from the centres first, then farthest from centres + chosen
+    assert 0 not in chosen  # a row the centres hold exactly adds nothing
+    assert select_more_centres(centres, candidates[:1], 5).tolist() == []

@@ -1,5 +1,5 @@
 """The demo in a real browser: headless Chromium (Debian's /usr/bin/chromium) driven by Playwright against
-``python -m demo`` in a subprocess. Upload an example X-ray and get a score and a heatmap; record a verdict
+``demo/launch.py`` in a subprocess. Upload an example X-ray and get a score and a heatmap; record a verdict
 with the keyboard and find it in SQLite; restart the app and find it again. Screenshots of every tab go
 to ``test-artifacts/demo/``. Skips when Chromium or Playwright is missing (``.ci/run`` installs both).
 """
@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 CHROMIUM = Path("/usr/bin/chromium")
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts" / "demo"
 EXAMPLES = REPO / "demo" / "examples"
@@ -43,14 +44,13 @@ def _free_port() -> int:
 
 @contextmanager
 def running_demo(data_dir: Path, log_path: Path, port: int) -> Iterator[str]:
-    """``python -m demo`` on ``port``; yields its URL once it answers, stops it afterwards."""
+    """``demo/launch.py`` on ``port``; yields its URL once it answers, stops it afterwards."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with log_path.open("ab") as log:
         process = subprocess.Popen(
             [
                 sys.executable,
-                "-m",
-                "demo",
+                str(REPO / "demo" / "launch.py"),
                 "--data-dir",
                 str(data_dir),
                 "--port",

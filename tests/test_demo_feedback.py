@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from demo import feedback
-from demo.review_store import QueueItem
+from imaging_ad.app import feedback
+from imaging_ad.app.review_store import QueueItem
 from imaging_ad.calibration import Calibration
 from tests.synthetic import texture
 
@@ -94,17 +94,6 @@ def test_drift_report() -> None:
     assert few.ks_statistic is None and "at least 5" in few.message
 
 
-def test_select_new_rows_continues_k_centre_from_the_bank() -> None:
-    import torch
-
-    bank = torch.tensor([[0.0, 0.0], [10.0, 0.0]])
-    candidates = torch.tensor([[0.0, 0.0], [0.1, 0.0], [5.0, 5.0], [5.0, 4.8], [20.0, 0.0]])
-    chosen = feedback.select_new_rows(bank, candidates, 3).tolist()
-    assert chosen == [4, 2, 3]  # farthest from the bank first, then farthest from bank + chosen
-    assert 0 not in chosen  # a row the bank holds exactly adds nothing
-    assert feedback.select_new_rows(bank, candidates[:1], 5).tolist() == []
-
-
 def test_extend_patchcore_bank_lowers_scores_of_added_normals(tmp_path: Path) -> None:
     import cv2
 
@@ -118,7 +107,7 @@ def test_extend_patchcore_bank_lowers_scores_of_added_normals(tmp_path: Path) ->
     y, x = np.mgrid[0:96, 0:112].astype(np.float32)
     unseen = [
         np.clip((0.5 + 0.3 * np.sin(x / 7.0 + p) * np.sin(y / 7.0)) * 255, 0, 255).astype(np.uint8)
-        for p in (0.0, 1.0)
+        for p in (0.0, 1.0, 2.0, 3.0)
     ]
     paths = []
     for i, image in enumerate(unseen):
@@ -133,9 +122,12 @@ def test_extend_patchcore_bank_lowers_scores_of_added_normals(tmp_path: Path) ->
     after_results = extended.predict([*unseen, seen])
     after = [r.score for r in after_results]
 
-    assert result.rows_added > 0 and result.n_images == 2
+    assert result.rows_added > 0 and result.n_images == 2 and result.n_calibration == 2
     assert extended.memory_bank_.shape[0] == result.rows_before + result.rows_added
-    assert all(a < 0.5 * b for a, b in zip(after[:2], before[:2], strict=True))  # added normals: much lower
+    added = [0, 2]  # every other reviewed normal extends the bank, the others recalibrate
+    assert all(after[i] < 0.5 * before[i] for i in added)  # added normals: much lower
     # a bigger bank never raises a patch distance (the image score's reweighting may move either way)
-    assert np.all(after_results[2].heatmap <= before_results[2].heatmap + 1e-4)
-    assert extended.calibration_ == detector.calibration_  # thresholds kept (documented)
+    assert np.all(after_results[4].heatmap <= before_results[4].heatmap + 1e-4)
+    assert extended.calibration_.n_normal == 2 and extended.calibration_ != detector.calibration_
+    with pytest.raises(ValueError, match="at least 4"):
+        feedback.extend_patchcore_bank(model, paths[:3], tmp_path / "v3.safetensors", device="cpu")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from demo.review_store import NewItem, ReviewStore
+from imaging_ad.app.review_store import NewItem, ReviewStore
 
 
 def _item(name: str, score: float, sha: str = "m1") -> NewItem:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from demo.safety import (
+from imaging_ad.app.safety import (
     UnsafeInputError,
     ZipLimits,
     check_upload_name,

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from demo import feedback
-from demo.config import EXAMPLES_DIR, WEIGHTS_DIR, DemoConfig
-from demo.models import ModelCache, fingerprint, shipped_models
-from demo.safety import UnsafeInputError
-from demo.service import DemoService
+from imaging_ad.app import feedback
+from imaging_ad.app.config import EXAMPLES_DIR, WEIGHTS_DIR, DemoConfig
+from imaging_ad.app.models import ModelCache, fingerprint, shipped_models
+from imaging_ad.app.safety import UnsafeInputError
+from imaging_ad.app.service import DemoService
 from imaging_ad.io.checksum import file_sha256
 
 EXAMPLES = sorted(EXAMPLES_DIR.glob("*.jpeg"))
@@ -76,28 +75,6 @@ def test_inspect_scores_an_example_and_queues_it(service: DemoService) -> None:
     )
     # the same upload again is the same item, not a duplicate
     assert service.inspect(EXAMPLES[0]).item_id == item.id
-
-
-def test_inspect_latency_after_warm_up(service: DemoService) -> None:
-    """The library path the Inspect handler takes (read + predict + overlay + queue), one 224 px image,
-    with the torch thread count the demo sets (see launcher.default_threads)."""
-    import torch
-
-    from demo.launcher import default_threads
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(default_threads())
-    try:
-        service.inspect(EXAMPLES[1])  # warm
-        times = []
-        for _ in range(5):
-            start = time.perf_counter()
-            service.inspect(EXAMPLES[1])
-            times.append(time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(before)
-    print(f"inspect latency: median {np.median(times) * 1000:.0f} ms, min {min(times) * 1000:.0f} ms")
-    assert np.median(times) < 1.0
 
 
 def test_inspect_dicom_shows_modality_and_window(service: DemoService, tmp_path: Path) -> None:
@@ -165,7 +142,7 @@ def test_learn_builds_a_model_offered_in_the_model_list(service: DemoService) ->
     assert entry.label in service.model_labels()
     assert load_detector(entry.path, device="cpu").image_size == 96
     with pytest.raises(ValueError, match="only PatchCore"):  # no memory bank to add reviewed normals to
-        feedback.extend_patchcore_bank(entry.path, [EXAMPLES[0]], service.config.models_dir / "x.safetensors")
+        feedback.extend_patchcore_bank(entry.path, EXAMPLES[:4], service.config.models_dir / "x.safetensors")
     with pytest.raises(ValueError, match="exists already"):
         service.learn([str(p) for p in EXAMPLES], None, "dfm", "my model", image_size=96)
     with pytest.raises(ValueError, match="at least 5"):

@@ -139,7 +139,7 @@ def test_patchcore_graph_search_keeps_image_scores_exact(textures, monkeypatch, 
     # second case narrows it to prove the exact passes keep the guarantee by themselves (without them
     # these scores differ from exact search by up to 1.7%)
     if wider_beam is not None:
-        monkeypatch.setattr("imaging_ad.detectors.patchcore._WIDER_EF_SEARCH", wider_beam)
+        monkeypatch.setattr("imaging_ad.detectors.components.search.WIDER_EF_SEARCH", wider_beam)
     normals, clean, defects = textures
     images = clean[:3] + [image for image, _ in defects[:3]]
     scores = {}
@@ -169,7 +169,7 @@ def test_patchcore_reweighting_neighbourhood_is_each_rows_nearest_and_rebuilt_fo
     detector = create_detector("patchcore", search="flat", **FAST).fit(normals)
     table = detector.bank_neighbours_
     expected = [r.score for r in detector.predict(images)]
-    detector._set_state({k: v for k, v in detector._state().items() if k != "bank_neighbours"})
+    detector.restore_state({k: v for k, v in detector.learned_state().items() if k != "bank_neighbours"})
     assert torch.equal(detector.bank_neighbours_, table)
     np.testing.assert_allclose([r.score for r in detector.predict(images)], expected, rtol=1e-6)
 
@@ -230,8 +230,8 @@ def test_patchcore_calibrates_on_leave_one_out_standardised_scores():
     detector = create_detector("patchcore", reweight_neighbours=1, search="flat", **settings)
     detector.fit(normals, validation)
     in_sample = np.array([r.score for r in detector.predict(validation)])
-    with detector._learning_from_held_out(validation) as final_scores:  # calibration's own steps again
-        leave_one_out = final_scores(detector._calibration_samples(validation)[0])
+    evidence = [detector.held_out_evidence(f) for f, _ in detector.extracted_batches(validation, "again")]
+    leave_one_out = detector.learn_from_held_out(evidence)[0].numpy()  # calibration's own steps again
     assert in_sample.min() > 0
     # a patch above its position's mean is further above the other images' mean, and their spread is
     # not wider by more than sqrt((n-1)/(n-2)): with n = 10, leave-one-out scores are >= 1.047x in-sample
@@ -243,21 +243,52 @@ def test_patchcore_calibrates_on_leave_one_out_standardised_scores():
 
 @pytest.mark.parametrize("grid, size, sigma", [((16, 16), 256, 4.0), ((8, 12), 128, 1.5), ((8, 8), 96, 0.0)])
 def test_smoothing_by_matrix_products_equals_upsampling_then_blurring(grid, size, sigma):
-    """The detectors smooth coarse maps with one (S, h) matrix per axis; it must equal bilinear upsampling
-    followed by OpenCV's Gaussian blur (the definition the export graph and the docs use)."""
+    """Heatmaps are smoothed with one (S, h) matrix per axis for coarse maps and by a direct upsampling and
+    separable convolution for fine ones; both must equal bilinear upsampling followed by OpenCV's Gaussian
+    blur (the definition the docs use)."""
     import cv2
     import torch.nn.functional as F
 
-    from imaging_ad.preprocess import Preprocessor
+    from imaging_ad.detectors.components.smoothing import HeatmapSmoothing
 
-    detector = create_detector("dfm", image_size=size, blur_sigma=sigma)
-    detector.preprocessor_ = Preprocessor(image_size=size)
     maps = torch.from_numpy(np.random.default_rng(0).random((3, *grid)).astype(np.float32) * 30)
     upsampled = F.interpolate(maps[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
-    expected = [
-        cv2.GaussianBlur(m, (0, 0), sigmaX=sigma, borderType=cv2.BORDER_REFLECT_101) if sigma else m
-        for m in upsampled.numpy()
-    ]
-    got = detector._smooth(maps)
-    assert got.shape == (3, size, size) and got.dtype == np.float32
-    np.testing.assert_allclose(got, np.stack(expected), rtol=0, atol=1e-5 * float(maps.max()))
+    expected = np.stack(
+        [
+            cv2.GaussianBlur(m, (0, 0), sigmaX=sigma, borderType=cv2.BORDER_REFLECT_101) if sigma else m
+            for m in upsampled.numpy()
+        ]
+    )
+    coarse = HeatmapSmoothing(grid, size, sigma)
+    fine = HeatmapSmoothing(grid, size, sigma, direct=True)  # the path of fine maps, forced
+    assert not coarse.direct and fine.direct
+    for smoothing in (coarse, fine):
+        with torch.inference_mode():
+            got = smoothing(maps).numpy()
+        assert got.shape == (3, size, size) and got.dtype == np.float32
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * float(maps.max()))
+
+
+def test_patchcore_extend_memory_bank_recalibrates_as_a_fit_with_that_bank_would(textures):
+    """After extending the bank, the per-position statistics and thresholds are exactly those a detector
+    holding the extended bank learns from the same calibration images."""
+    normals, clean, _ = textures
+    rng = np.random.default_rng(5)
+    added = [texture(rng) for _ in range(6)]
+    calibration = [texture(rng) for _ in range(12)]  # enough for per-position statistics
+    detector = create_detector("patchcore", **FAST).fit(normals)
+    rows_before = detector.memory_bank_.shape[0]
+    added_rows = detector.extend_memory_bank(added, calibration)
+    assert added_rows > 0 and detector.memory_bank_.shape[0] == rows_before + added_rows
+    assert detector.calibration_.n_normal == len(calibration)
+
+    scratch = create_detector("patchcore", **FAST)
+    scratch._setup()
+    scratch.use_memory_bank(detector.memory_bank_.clone())
+    scratch.calibration_ = scratch._calibrate(calibration)
+    assert torch.equal(scratch.position_mean_, detector.position_mean_)
+    assert torch.equal(scratch.position_std_, detector.position_std_)
+    assert scratch.calibration_ == detector.calibration_
+    assert [r.score for r in scratch.predict(clean)] == [r.score for r in detector.predict(clean)]
+    with pytest.raises(ValueError, match="at least two"):
+        detector.extend_memory_bank(added, calibration[:1])

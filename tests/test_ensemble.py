@@ -1,40 +1,13 @@
-"""Ensemble plumbing: one data pass feeds every member; bad member lists are refused."""
+"""Ensemble plumbing: one data pass feeds every member through their public fitting methods; bad member
+lists are refused."""
 
 import numpy as np
 import pytest
+import torch
 
 from imaging_ad.calibration import calibrate
 from imaging_ad.detectors import create_detector, load_detector
-from imaging_ad.detectors.base import Detector
-from imaging_ad.detectors.ensemble import _fan_out
 from tests.synthetic import texture
-
-
-def test_fan_out_gives_every_consumer_every_batch_once():
-    seen = {0: [], 1: []}
-    produced = []
-
-    def batches():
-        for i in range(20):
-            produced.append(i)
-            yield i
-
-    _fan_out(batches(), [lambda s, k=k: seen[k].extend(s) for k in seen])
-    assert produced == list(range(20))  # a single pass over the data
-    assert seen[0] == seen[1] == list(range(20))
-
-
-def test_fan_out_reraises_a_member_error_and_does_not_hang():
-    def failing(stream):
-        for item in stream:
-            if item == 3:
-                raise ArithmeticError("member failed")
-
-    def early_stop(stream):
-        next(iter(stream))  # takes one batch and returns
-
-    with pytest.raises(ArithmeticError, match="member failed"):
-        _fan_out(iter(range(1000)), [failing, early_stop, lambda s: list(s)])
 
 
 def test_members_share_one_backbone_pass_over_the_union_of_their_stages():
@@ -111,7 +84,15 @@ def test_ensemble_calibration_reads_the_held_out_images_once():
     ensemble.fit(normals, validation)
     assert sum(images_read) == len(normals) + len(validation)
 
-    scores, pixels = Detector._calibration_samples(ensemble, validation)  # a separate pass, as before
+    # a separate pass, as before: the ensemble's own scores and maps of the held-out images
+    outputs = [
+        (ensemble.head_(f), [e.size for e in batch])
+        for f, batch in ensemble.extracted_batches(validation, "")
+    ]
+    with torch.inference_mode():
+        maps = torch.cat([maps for (_, maps), _ in outputs])
+    pixels = ensemble._pixel_sample(maps, [size for _, sizes in outputs for size in sizes])
+    scores = np.array([r.score for r in ensemble.predict(validation)])
     separate = calibrate(scores, pixels, ensemble.target_fpr)
     assert ensemble.calibration_.pixel_threshold == pytest.approx(separate.pixel_threshold, rel=1e-6)
     assert ensemble.calibration_.image_threshold == pytest.approx(separate.image_threshold, rel=1e-5)

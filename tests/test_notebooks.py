@@ -12,6 +12,8 @@ from nbclient import NotebookClient
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
 
+@pytest.mark.notebook
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["quickstart.ipynb", "medical.ipynb"])
 def test_notebook_runs_without_errors(name):
     notebook = nbformat.read(NOTEBOOKS / name, as_version=4)

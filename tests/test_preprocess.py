@@ -1,13 +1,19 @@
-"""Preprocessing: whole image kept, 16-bit windowing explicit, geometry invertible, config round-trips."""
+"""Preprocessing: whole image kept, 16-bit windowing explicit, geometry invertible, config round-trips,
+and the same numbers as the albumentations transforms it replaced for inference."""
 
 from __future__ import annotations
 
+from itertools import product
+
+import albumentations as A
+import cv2
 import numpy as np
 import pytest
+from pydicom.data import get_testdata_file
 
 from imaging_ad import create_backbone, read_image
 from imaging_ad.intensity import percentiles
-from imaging_ad.preprocess import Preprocessor
+from imaging_ad.preprocess import INTERPOLATIONS, Preprocessor
 
 IDENTITY = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
 
@@ -39,37 +45,94 @@ def test_grayscale_becomes_three_identical_channels_and_backbone_normalisation_a
     pre = Preprocessor.for_backbone(create_backbone(), image_size=32)
     tensor = pre(np.full((20, 20), 255, np.uint8))
     assert tensor.shape == (3, 32, 32)
-    np.testing.assert_allclose(tensor.numpy(), 1.0, atol=1e-5)  # (1 - 0.5) / 0.5
-
-
-@pytest.mark.parametrize("aspect", ["stretch", "letterbox"])
-@pytest.mark.parametrize("intensity", ["auto", "robust"])
-def test_grayscale_shortcut_equals_the_three_channel_path(aspect, intensity):
-    """Grayscale images are normalised on one channel and copied to three: bit for bit what the
-    three-channel pipeline gives the same pixels stacked as RGB."""
-    pixels = np.random.default_rng(0).integers(0, 256, (45, 70), dtype=np.uint8)
-    pre = Preprocessor(image_size=48, aspect=aspect, intensity=intensity, mean=(0.5,) * 3, std=(0.25,) * 3)
-    gray = pre(pixels)
-    assert gray.is_contiguous() and gray.shape == (3, 48, 48)
-    assert pre._gray_pipeline is not None
-    pre._gray_pipeline = None  # force the general path
-    assert np.array_equal(gray.numpy(), pre(pixels).numpy())
-    # channels normalised differently (ImageNet statistics) take the general path
-    assert Preprocessor(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))._gray_pipeline is None
+    np.testing.assert_allclose(tensor, 1.0, atol=1e-5)  # (1 - 0.5) / 0.5
 
 
 @pytest.mark.parametrize("size", [40, 64])
 def test_grayscale_stored_as_rgb_takes_the_one_channel_path(size):
+    """Grayscale stored as three equal channels (X-rays) is processed as one channel: the same numbers as
+    the gray image, and as a colour image whose channels differ by nothing but OpenCV's rounding."""
     gray = np.random.default_rng(2).integers(0, 256, (40, 40), dtype=np.uint8)
     rgb = np.repeat(gray[..., None], 3, axis=2)
     pre = Preprocessor(image_size=size)
-    shortcut = pre(rgb).numpy()
-    assert np.array_equal(shortcut, pre(gray).numpy())
-    pre._gray_pipeline = None
-    general = pre(rgb).numpy()
-    if size == 40:  # no resize: bit for bit
-        assert np.array_equal(shortcut, general)
-    np.testing.assert_allclose(shortcut, general, rtol=0, atol=1e-6)  # OpenCV's 1- vs 3-channel rounding
+    shortcut = pre(rgb)
+    assert shortcut.flags.c_contiguous and shortcut.shape == (3, size, size)
+    assert np.array_equal(shortcut, pre(gray))
+    nearly_gray = rgb.copy()
+    nearly_gray[0, 0, 1] ^= 1  # one channel differs in one pixel: the general path
+    general = pre(nearly_gray)
+    np.testing.assert_allclose(
+        shortcut[:, 1:, 1:], general[:, 1:, 1:], rtol=0, atol=1e-6 if size == 40 else 2e-2
+    )
+
+
+def _inputs() -> dict:
+    rng = np.random.default_rng(0)
+    return {
+        "uint8 gray": (rng.random((90, 120)) * 255).astype(np.uint8),
+        "12-bit in uint16": (rng.random((300, 200)) * 3000 + 1000).astype(np.uint16),
+        "uint8 RGB": (rng.random((70, 50, 3)) * 255).astype(np.uint8),
+        "uint8 gray as RGB": np.repeat((rng.random((70, 50, 1)) * 255).astype(np.uint8), 3, axis=2),
+        "float in [0, 1]": rng.random((64, 64)).astype(np.float32),
+        "float, wide": (rng.random((40, 500)) * 7).astype(np.float32),
+        "gray HxWx1": (rng.random((64, 64, 1)) * 255).astype(np.uint8),
+        "CT DICOM": read_image(get_testdata_file("CT_small.dcm")),
+        "MR DICOM": read_image(get_testdata_file("MR_small.dcm")),
+    }
+
+
+def _albumentations_reference(pre: Preprocessor, image) -> np.ndarray:
+    """The albumentations 2.0 transforms inference used before it moved to NumPy/OpenCV alone."""
+    scaled = pre.scale_intensity(image)
+    if scaled.ndim == 3 and scaled.shape[2] == 1:
+        scaled = scaled[..., 0]
+    if pre.clahe:
+        clahe = A.CLAHE(clip_limit=(pre.clahe_clip_limit,) * 2, tile_grid_size=(8, 8), p=1.0)
+        scaled = clahe(image=np.round(scaled * 255).astype(np.uint8))["image"].astype(np.float32) / 255
+    interpolation = INTERPOLATIONS[pre.interpolation]
+    size = pre.image_size
+    geometry = (
+        [A.Resize(size, size, interpolation=interpolation, area_for_downscale="image")]
+        if pre.aspect == "stretch"
+        else [
+            A.LongestMaxSize(max_size=size, interpolation=interpolation, area_for_downscale="image"),
+            A.PadIfNeeded(size, size, position="center", border_mode=cv2.BORDER_CONSTANT, fill=0),
+        ]
+    )
+    out = A.Compose([*geometry, A.Normalize(mean=pre.mean, std=pre.std, max_pixel_value=1.0)])(
+        image=scaled if scaled.ndim == 3 else np.repeat(scaled[..., None], 3, axis=2)
+    )["image"]
+    return out.transpose(2, 0, 1)
+
+
+@pytest.mark.parametrize(
+    "aspect, intensity, clahe, interpolation",
+    [
+        *product(
+            ["stretch", "letterbox"],
+            ["auto", "robust", "percentile", "full_range"],
+            [False, True],
+            ["bicubic"],
+        )
+    ]
+    + [("stretch", "auto", False, "bilinear"), ("letterbox", "robust", True, "nearest")],
+)
+def test_same_numbers_as_the_albumentations_transforms(aspect, intensity, clahe, interpolation):
+    for size in (64, 128):  # below and above the inputs' sizes: INTER_AREA and interpolation both used
+        pre = Preprocessor(
+            image_size=size,
+            aspect=aspect,
+            intensity=intensity,
+            clahe=clahe,
+            interpolation=interpolation,
+            mean=(0.485, 0.456, 0.406),
+            std=(0.229, 0.224, 0.225),
+        )
+        for name, image in _inputs().items():
+            got = pre(image)
+            expected = _albumentations_reference(pre, image)
+            assert got.dtype == np.float32 and got.shape == expected.shape, name
+            np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5, err_msg=name)
 
 
 def test_histogram_percentiles_equal_numpys_bit_for_bit():

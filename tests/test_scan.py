@@ -306,6 +306,7 @@ def test_library_api_progress_and_clear_failures(model_path, detector, folder, t
     assert "does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.browser
 def test_report_renders_in_headless_chromium(model_path, detector, folder, tmp_path):
     if not CHROMIUM.exists():
         pytest.skip("/usr/bin/chromium is not installed (apt-get install chromium)")

@@ -1,27 +1,38 @@
-"""Detectors: one file each, registered by name; all share the fit / predict / save / load contract."""
+"""Detectors: one module each, registered by name; all share the fit / predict / save / load contract.
 
-from imaging_ad.detectors import (  # noqa: F401  (registration)
-    dfm,
-    ensemble,
-    feature_autoencoder,
-    feature_vae,
-    ganomaly,
-    iforest,
-    image_autoencoder,
-    ocsvm,
-    padim,
-    patchcore,
+Every module in this package is imported here, so a new detector is registered by adding its file; the
+framework modules below and the ``components`` subpackage (shared building blocks) are not detectors.
+"""
+
+import importlib
+import pkgutil
+
+from imaging_ad.detectors.base import Detector
+from imaging_ad.detectors.params import ParameterError
+from imaging_ad.detectors.persistence import ModelFileError, read_description
+from imaging_ad.detectors.registry import (
+    DETECTORS,
+    create_detector,
+    detector_class,
+    list_detectors,
+    load_detector,
+    register_detector,
 )
-from imaging_ad.detectors.base import AnomalyResult, Detector
-from imaging_ad.detectors.persistence import ModelFileError, load_detector, read_description
-from imaging_ad.detectors.registry import DETECTORS, create_detector, list_detectors, register_detector
+from imaging_ad.result import AnomalyResult
+
+_FRAMEWORK = {"base", "params", "persistence", "registry", "components"}
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name not in _FRAMEWORK:
+        importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "DETECTORS",
     "AnomalyResult",
     "Detector",
     "ModelFileError",
+    "ParameterError",
     "create_detector",
+    "detector_class",
     "list_detectors",
     "load_detector",
     "read_description",

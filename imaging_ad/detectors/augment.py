@@ -10,9 +10,8 @@ from __future__ import annotations
 import albumentations as A
 import cv2
 import numpy as np
-import torch
 
-from imaging_ad.detectors.inputs import Augmentation
+from imaging_ad.inference import Transform
 
 
 def _light() -> list[A.BasicTransform]:
@@ -48,20 +47,20 @@ def check_augmentation(name: str) -> None:
 
 
 class TensorAugmentation:
-    """An albumentations pipeline applied to one preprocessed CHW float tensor, seeded."""
+    """An albumentations pipeline applied to one preprocessed CHW float array, seeded."""
 
     def __init__(self, name: str, seed: int) -> None:
         check_augmentation(name)
         self.name = name
         self.pipeline = A.Compose(AUGMENTATIONS[name](), seed=seed)
 
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        hwc = np.ascontiguousarray(image.numpy().transpose(1, 2, 0))
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        hwc = np.ascontiguousarray(image.transpose(1, 2, 0))
         out = self.pipeline(image=hwc)["image"]
-        return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))
+        return np.ascontiguousarray(out.transpose(2, 0, 1))
 
 
-def build_augmentation(name: str, seed: int) -> Augmentation | None:
+def build_augmentation(name: str, seed: int) -> Transform | None:
     """The augmentation called ``name`` (see :data:`AUGMENTATIONS`), or None for ``"none"``."""
     check_augmentation(name)
     if name == "none":

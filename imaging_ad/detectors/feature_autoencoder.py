@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from imaging_ad.detectors.features import patch_grid
+from imaging_ad.detectors.components.features import patch_grid
 from imaging_ad.detectors.layers import conv_block, resize_to, top_mean, up_block
 from imaging_ad.detectors.registry import register_detector
 from imaging_ad.detectors.trained import TrainedDetector
@@ -58,6 +58,16 @@ class FeatureAutoencoderNetwork(nn.Module):
 
 @register_detector("feature_ae")
 class FeatureAutoencoder(TrainedDetector):
+    """A conv autoencoder that reconstructs the backbone's standardised feature maps; error = anomaly.
+
+    Hyperparameters (besides those of :class:`~imaging_ad.detectors.trained.TrainedDetector`):
+
+    hidden_channels, latent_channels
+        width of the network and of its bottleneck (on a grid half the feature grid's side).
+    top_fraction
+        the image score is the mean of the map's highest ``top_fraction`` of positions.
+    """
+
     # magnetic_tile: strides 8+16 keep small defects visible on a 32x32 grid (at 256 px)
     feature_strides = (8, 16)
 

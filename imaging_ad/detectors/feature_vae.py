@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from imaging_ad.detectors.components.features import patch_grid
 from imaging_ad.detectors.feature_autoencoder import FeatureAutoencoder, FeatureDecoder, FeatureEncoder
-from imaging_ad.detectors.features import patch_grid
 from imaging_ad.detectors.layers import top_mean
 from imaging_ad.detectors.registry import register_detector
 
@@ -37,6 +37,16 @@ class FeatureVAENetwork(nn.Module):
 
 @register_detector("feature_vae")
 class FeatureVAE(FeatureAutoencoder):
+    """The feature autoencoder as a variational autoencoder; score = reconstruction + KL term.
+
+    Hyperparameters (besides those of :class:`FeatureAutoencoder`):
+
+    beta
+        weight of the KL divergence in the training loss (evidence lower bound).
+    kl_weight
+        weight of the KL term in the image score.
+    """
+
     def __init__(self, *, beta: float = 0.01, kl_weight: float = 1.0, **kwargs) -> None:
         super().__init__(**kwargs)
         self.beta = beta

@@ -80,6 +80,23 @@ class GanomalyNetwork(nn.Module):
 
 @register_detector("ganomaly")
 class Ganomaly(ImageSpaceDetector):
+    """GANomaly: encoder-decoder-encoder generator with a discriminator; score = latent distance.
+
+    Hyperparameters (besides those of :class:`~imaging_ad.detectors.trained.TrainedDetector`):
+
+    image_size, learning_rate
+        as for every detector, with GANomaly's defaults: 64 px images, 2e-4 (GAN training).
+    latent_size, width
+        size of the latent code, and channels of the first stage.
+    adversarial_weight, reconstruction_weight, latent_weight
+        weights of the generator's three losses (feature matching, image L1, latent L2).
+    score
+        ``"latent"`` (the paper's) or ``"reconstruction"`` (mean of the highest ``top_fraction`` of the
+        pixel error).
+    top_fraction
+        share of pixels the reconstruction score averages.
+    """
+
     def __init__(
         self,
         *,

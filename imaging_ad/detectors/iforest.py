@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from sklearn.ensemble import IsolationForest
 
-from imaging_ad.detectors.pooled_and_patches import PooledAndPatchModels
+from imaging_ad.detectors.components.pooled_and_patches import PooledAndPatchModels
+from imaging_ad.detectors.params import Interval
 from imaging_ad.detectors.registry import register_detector
 
 
@@ -77,8 +78,21 @@ def forest_outlier_score(vectors: torch.Tensor, forest: dict[str, torch.Tensor])
 
 
 @register_detector("iforest")
-class DeepIsolationForest(PooledAndPatchModels):
+class IForest(PooledAndPatchModels):
+    """Isolation forests on deep features: pooled statistics for the score, sampled patches for the heatmap.
+
+    Hyperparameters (besides those of :class:`~imaging_ad.detectors.base.Detector`):
+
+    n_trees
+        trees in each forest.
+    max_patches
+        patch vectors sampled (evenly over the images) for the heatmap's forest.
+    pool_std
+        summarise each stage by its spatial standard deviation as well as its mean.
+    """
+
     model_description = "the isolation forest"
+    param_constraints = {"n_trees": Interval(1, 10_000)}
 
     def __init__(
         self, *, n_trees: int = 200, max_patches: int = 20_000, pool_std: bool = True, **kwargs

@@ -87,6 +87,22 @@ class ConvAutoencoder(nn.Module):
 
 @register_detector("image_ae")
 class ImageAutoencoder(ImageSpaceDetector):
+    """A conv autoencoder on the image itself (L2 + SSIM loss); the reconstruction error is the heatmap.
+
+    Hyperparameters (besides those of :class:`~imaging_ad.detectors.trained.TrainedDetector`):
+
+    latent_channels, width
+        channels of the 4 x 4 bottleneck, and of the first stage (doubling per stage, capped at 8x).
+    encoder
+        ``"scratch"`` or ``"backbone"`` (the timm backbone's pretrained stages, fine-tuned).
+    ssim_weight
+        weight of the structural dissimilarity in the training loss.
+    heatmap
+        ``"l2"`` or ``"ssim"`` error map.
+    top_fraction
+        the image score is the mean of the map's highest ``top_fraction`` of pixels.
+    """
+
     def __init__(
         self,
         *,

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from sklearn.svm import OneClassSVM
 
-from imaging_ad.detectors.pooled_and_patches import PooledAndPatchModels
+from imaging_ad.detectors.components.pooled_and_patches import PooledAndPatchModels
+from imaging_ad.detectors.params import Interval
 from imaging_ad.detectors.registry import register_detector
 
 
@@ -42,8 +43,21 @@ def svm_outlier_score(vectors: torch.Tensor, svm: dict[str, torch.Tensor]) -> to
 
 
 @register_detector("ocsvm")
-class DeepOneClassSVM(PooledAndPatchModels):
+class OCSVM(PooledAndPatchModels):
+    """One-class SVMs on deep features: pooled statistics for the score, sampled patches for the heatmap.
+
+    Hyperparameters (besides those of :class:`~imaging_ad.detectors.base.Detector`):
+
+    nu
+        upper bound on the share of training vectors outside the boundary (scikit-learn's ``nu``).
+    max_patches
+        patch vectors sampled (evenly over the images) for the heatmap's SVM; its cost grows ~quadratically.
+    pool_std
+        summarise each stage by its spatial standard deviation as well as its mean.
+    """
+
     model_description = "the one-class SVM"
+    param_constraints = {"nu": Interval(0, 1, "right")}
 
     def __init__(self, *, nu: float = 0.1, max_patches: int = 3000, pool_std: bool = True, **kwargs) -> None:
         super().__init__(max_patches=max_patches, pool_std=pool_std, **kwargs)

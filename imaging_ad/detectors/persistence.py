@@ -19,9 +19,6 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 import imaging_ad
-from imaging_ad.calibration import Calibration
-from imaging_ad.detectors.base import Detector, _resolve_device
-from imaging_ad.preprocess import Preprocessor
 
 FORMAT = "imaging_ad.detector"
 FORMAT_VERSION = 1
@@ -33,10 +30,10 @@ class ModelFileError(ValueError):
     """A model file that cannot be trusted or used: truncated, tampered, or of another version."""
 
 
-def save_detector(detector: Detector, path: Path) -> Path:
+def save_detector(detector, path: Path) -> Path:  # a fitted Detector
     if path.suffix != ".safetensors":
         path = path.with_name(path.name + ".safetensors")
-    tensors = {_STATE_PREFIX + k: v.detach().cpu().contiguous() for k, v in detector._state().items()}
+    tensors = {_STATE_PREFIX + k: v.detach().cpu().contiguous() for k, v in detector.learned_state().items()}
     description = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -52,7 +49,7 @@ def save_detector(detector: Detector, path: Path) -> Path:
     return path
 
 
-def fitted_model_description(detector: Detector) -> dict:
+def fitted_model_description(detector) -> dict:  # a fitted Detector
     """What a fitted model is, for a model file or an export's sidecar: detector, hyperparameters,
     backbone (weights, normalisation, stages), preprocessing and calibration."""
     extractor = detector.extractor_
@@ -107,9 +104,8 @@ def read_description(path: Path) -> dict:
     return description
 
 
-def load_detector(path: Path, device: str = "auto") -> Detector:
-    from imaging_ad.detectors.registry import DETECTORS
-
+def read_model(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(description, saved state tensors) of a model file, its checksum verified."""
     path = Path(path)
     description = read_description(path)
     try:
@@ -124,31 +120,19 @@ def load_detector(path: Path, device: str = "auto") -> Detector:
         raise ModelFileError(
             f"{path}: checksum mismatch: the file was modified or damaged after it was saved"
         )
-
-    name = description["detector"]
-    if name not in DETECTORS:
-        raise ModelFileError(f"{path}: detector {name!r} is not available (registered: {sorted(DETECTORS)})")
-    params = dict(description["params"])
-    params["device"] = device
-    detector = DETECTORS[name](**params)
-    _restore_backbone(detector, description, path)
-    detector.preprocessor_ = Preprocessor.from_dict(description["preprocessing"])
-    detector.calibration_ = Calibration.from_dict(description["calibration"])
     state = {k[len(_STATE_PREFIX) :]: v for k, v in tensors.items() if k.startswith(_STATE_PREFIX)}
-    detector._set_state(state)
-    return detector
+    return description, state
 
 
-def _restore_backbone(detector: Detector, description: dict, path: Path) -> None:
+def check_backbone(detector, description: dict) -> None:
+    """The backbone a model was fitted on must be the one found now, or scores would not compare."""
     saved = description["backbone"]["weight_source"]
-    detector._setup()
     source = detector.extractor_.weight_source
     if saved["kind"] != source.kind or (saved.get("sha256") and saved["sha256"] != source.sha256):
         raise ModelFileError(
-            f"{path}: the model was fitted on backbone weights {saved}, but the weights found now are "
+            f"the model was fitted on backbone weights {saved}, but the weights found now are "
             f"{source.to_dict()}; scores would not be comparable"
         )
-    detector.device_ = _resolve_device(detector.device)
 
 
 def _digest(description: dict, tensors: dict[str, torch.Tensor]) -> str:

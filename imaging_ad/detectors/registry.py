@@ -1,14 +1,22 @@
-"""Detector registry: a new detector is a new file with ``@register_detector``."""
+"""Detector registry: a new detector is a new module in ``imaging_ad/detectors/`` with
+``@register_detector``; the package imports every module there, so none can be forgotten."""
 
 from __future__ import annotations
 
+import difflib
+import os
 from collections.abc import Callable
-from typing import TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
-from imaging_ad.detectors.base import Detector
+from imaging_ad.detectors.params import validate_params
+from imaging_ad.detectors.persistence import ModelFileError, read_model
+
+if TYPE_CHECKING:  # pragma: no cover
+    from imaging_ad.detectors.base import Detector
 
 DETECTORS: dict[str, type[Detector]] = {}
-T = TypeVar("T", bound=type[Detector])
+T = TypeVar("T", bound="type[Detector]")
 
 
 def register_detector(name: str) -> Callable[[T], T]:
@@ -22,12 +30,40 @@ def register_detector(name: str) -> Callable[[T], T]:
     return decorate
 
 
+def detector_class(name: str) -> type[Detector]:
+    """The registered class called ``name``, case and separators forgiven (``PatchCore``, ``feature-ae``)."""
+    key = name.strip().lower().replace("-", "_")
+    if key in DETECTORS:
+        return DETECTORS[key]
+    squashed = {k.replace("_", ""): k for k in DETECTORS}
+    if key.replace("_", "") in squashed:
+        return DETECTORS[squashed[key.replace("_", "")]]
+    close = difflib.get_close_matches(key, list(DETECTORS), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ValueError(f"unknown detector {name!r}{hint} (registered: {', '.join(sorted(DETECTORS))})")
+
+
 def create_detector(name: str, **params) -> Detector:
-    """Instantiate a registered detector by name with hyperparameters."""
-    if name not in DETECTORS:
-        raise ValueError(f"unknown detector {name!r}; registered: {', '.join(sorted(DETECTORS))}")
-    return DETECTORS[name](**params)
+    """A registered detector by name with hyperparameters, checked before anything is built."""
+    cls = detector_class(name)
+    validate_params(cls, params)
+    return cls(**params)
 
 
 def list_detectors() -> list[str]:
     return sorted(DETECTORS)
+
+
+def load_detector(path: str | os.PathLike, device: str = "auto") -> Detector:
+    """A fitted detector from its model file (checksum verified; see :mod:`.persistence`)."""
+    path = Path(path)
+    description, state = read_model(path)
+    name = description["detector"]
+    if name not in DETECTORS:
+        raise ModelFileError(f"{path}: detector {name!r} is not available (registered: {sorted(DETECTORS)})")
+    detector = DETECTORS[name](**{**description["params"], "device": device})
+    try:
+        detector.restore(description, state)
+    except ModelFileError as exc:
+        raise ModelFileError(f"{path}: {exc}") from exc
+    return detector

@@ -16,18 +16,32 @@ from abc import abstractmethod
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from imaging_ad.detectors.augment import build_augmentation, check_augmentation
 from imaging_ad.detectors.base import Detector
-from imaging_ad.detectors.inputs import ImageInput
 from imaging_ad.detectors.training import TrainingHistory, train_network
+from imaging_ad.io.items import ImageInput
 
 _NETWORK = "network."
 
 
 class TrainedDetector(Detector):
-    """A :class:`Detector` whose learned state is a network trained with early stopping."""
+    """A :class:`Detector` whose learned state is a network trained with early stopping.
+
+    Hyperparameters (besides those of :class:`~imaging_ad.detectors.base.Detector`):
+
+    epochs, learning_rate, weight_decay, train_batch_size
+        the optimisation (Adam).
+    patience
+        epochs without a better validation loss before training stops (0: never early).
+    augment, augmented_copies
+        training augmentation (``"none"``, ``"light"``, ``"flip"``, ``"rotate"``) and how many augmented copies
+        of every training image are added.
+    validation_fraction
+        share of the training images held out for early stopping.
+    max_train_images, max_train_minutes
+        caps on the cached training set and on training time (None: no time cap).
+    """
 
     def __init__(
         self,
@@ -99,7 +113,7 @@ class TrainedDetector(Detector):
 
     # -- training -------------------------------------------------------------------------------
 
-    def _fit_images(self, train: list[ImageInput]) -> None:
+    def learn(self, train: list[ImageInput]) -> None:
         fit_images, validation_images = self._split_validation(train)
         # the originals, then ``augmented_copies`` randomly augmented copies of them
         views = 1 + self.augmented_copies
@@ -132,6 +146,7 @@ class TrainedDetector(Detector):
         self.network_.requires_grad_(False)
         for name in [n for n in vars(self) if n.endswith("optimizer_")]:
             delattr(self, name)  # optimiser moments are twice the network's size and never used again
+        self.refresh_head()
 
     def _split_validation(self, images: list[ImageInput]) -> tuple[list[ImageInput], list[ImageInput]]:
         """Images to train on and held-out normals for early stopping (not those kept for thresholds)."""
@@ -151,13 +166,19 @@ class TrainedDetector(Detector):
     def _cache(self, images: list[ImageInput], view: int, desc: str) -> torch.Tensor:
         augment = build_augmentation(self.augment, seed=self.seed + view) if view > 0 else None
         chunks = []
-        with tqdm(total=len(images), desc=desc, unit="img", disable=not self.progress, leave=False) as bar:
-            for batch in self._batches(images, augment):
-                with torch.inference_mode():
-                    features = self._extract(batch.images.to(self.device_, non_blocking=True))
-                    chunks.append(self._training_inputs(features).to("cpu", torch.float16))
-                bar.update(len(batch.paths))
+        for features, _ in self.extracted_batches(images, desc, transform=augment):
+            with torch.inference_mode():
+                chunks.append(self._training_inputs(features).to("cpu", torch.float16))
         return torch.cat(chunks)
+
+    # -- scoring --------------------------------------------------------------------------------
+
+    @abstractmethod
+    def _score(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features -> (image scores ``(B,)``, maps ``(B, h, w)``) with the trained network."""
+
+    def _build_head(self) -> nn.Module:
+        return ScoringHead(self)
 
     # -- persistence ----------------------------------------------------------------------------
 
@@ -176,6 +197,19 @@ class TrainedDetector(Detector):
         )
 
 
+class ScoringHead(nn.Module):
+    """A trained detector's ``_score`` as its head: the network is a submodule (an export holds its
+    weights), the detector's other tensors (feature statistics) are read where ``_score`` reads them."""
+
+    def __init__(self, detector: TrainedDetector) -> None:
+        super().__init__()
+        self.network = detector.network_
+        self.score = detector._score
+
+    def forward(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.score(features)
+
+
 class ImageSpaceDetector(TrainedDetector):
     """A trained detector that models the preprocessed image itself, not backbone features.
 
@@ -187,5 +221,12 @@ class ImageSpaceDetector(TrainedDetector):
     def __init__(self, *, image_size: int = 128, blur_sigma: float = 2.0, **kwargs) -> None:
         super().__init__(image_size=image_size, blur_sigma=blur_sigma, **kwargs)
 
-    def _extract(self, images: torch.Tensor) -> list[torch.Tensor]:
+    def feature_module(self) -> nn.Module:
+        return _ImagesAsFeatures()
+
+
+class _ImagesAsFeatures(nn.Module):
+    """The preprocessed images themselves as the one "feature map" an image-space network reads."""
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         return [images]

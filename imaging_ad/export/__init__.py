@@ -17,13 +17,11 @@ _LAZY = {
     "EXPORT_FORMATS": "imaging_ad.export.exporter",
     "build_graph": "imaging_ad.export.graph",
     "exportable_detectors": "imaging_ad.export.graph",
-    "register_head": "imaging_ad.export.graph",
     "load_exported": "imaging_ad.export.runtime",
     "ExportedModel": "imaging_ad.export.runtime",
     "ExportedResult": "imaging_ad.export.runtime",
     "is_exported_model": "imaging_ad.export.sidecar",
     "read_sidecar": "imaging_ad.export.sidecar",
-    "NumpyPreprocessor": "imaging_ad.export.preprocessing",
     "ExportError": "imaging_ad.export.errors",
     "ExportedModelError": "imaging_ad.export.errors",
 }
@@ -33,8 +31,7 @@ __all__ = list(_LAZY)
 if TYPE_CHECKING:  # pragma: no cover
     from imaging_ad.export.errors import ExportedModelError, ExportError  # noqa: F401
     from imaging_ad.export.exporter import EXPORT_FORMATS, ExportedFiles, export_model, verify_export  # noqa: F401
-    from imaging_ad.export.graph import build_graph, exportable_detectors, register_head  # noqa: F401
-    from imaging_ad.export.preprocessing import NumpyPreprocessor  # noqa: F401
+    from imaging_ad.export.graph import build_graph, exportable_detectors  # noqa: F401
     from imaging_ad.export.runtime import ExportedModel, ExportedResult, load_exported  # noqa: F401
     from imaging_ad.export.sidecar import is_exported_model, read_sidecar  # noqa: F401
 

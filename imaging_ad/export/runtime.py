@@ -6,8 +6,8 @@ onnxruntime only — no torch, timm or albumentations — so it works on a machi
     results = model.predict(["a.png", "b.dcm"])  # score, normalized_score, is_anomaly, heatmap, path
 
 Results match the checkpoint's ``predict``: the same reader, the same preprocessing (rebuilt from the
-sidecar, see :mod:`imaging_ad.export.preprocessing`), the same thresholds, heatmaps at each image's
-original size. TorchScript files run through torch (imported only for them).
+sidecar), the same thresholds and the same inference stream (:mod:`imaging_ad.inference`), heatmaps at
+each image's original size. TorchScript files run through torch (imported only for them).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -23,11 +22,11 @@ import numpy as np
 
 from imaging_ad.calibration import Calibration
 from imaging_ad.export.errors import ExportedModelError
-from imaging_ad.export.preprocessing import NumpyPreprocessor
 from imaging_ad.export.sidecar import is_exported_model, read_sidecar
+from imaging_ad.inference import predict_all
 from imaging_ad.io import ImageRecord
 from imaging_ad.io.checksum import file_sha256
-from imaging_ad.io.items import item_path, to_record
+from imaging_ad.preprocess import Preprocessor
 from imaging_ad.result import AnomalyResult
 
 __all__ = ["ExportedModel", "ExportedResult", "OnnxBackend", "is_exported_model", "load_exported"]
@@ -80,7 +79,8 @@ BACKENDS = {
 class ExportedModel:
     """An exported model with its sidecar: preprocessing, calibration, and a backend to run the graph.
 
-    Offers what ``imaging-ad predict`` uses of a detector: ``predict``, ``calibration_``, ``batch_size``.
+    Offers what the inference stream uses of a detector: ``score_batch``, ``preprocessor_``,
+    ``calibration_`` and ``batch_size``, and ``predict`` like a detector's.
     """
 
     def __init__(self, path: Path, description: dict, backend: Backend) -> None:
@@ -88,7 +88,7 @@ class ExportedModel:
         self.description = description
         self.backend = backend
         self.name: str = description["detector"]
-        self.preprocessor = NumpyPreprocessor.from_dict(description["preprocessing"])
+        self.preprocessor_ = Preprocessor.from_dict(description["preprocessing"])
         self.calibration_ = Calibration.from_dict(description["calibration"])
         self.batch_size: int = int(description.get("params", {}).get("batch_size", 16))
 
@@ -120,7 +120,7 @@ class ExportedModel:
 
     @property
     def image_size(self) -> int:
-        return self.preprocessor.image_size
+        return self.preprocessor_.image_size
 
     def score_batch(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Preprocessed ``(B, 3, S, S)`` -> (scores, heatmaps at model-input size, smoothed)."""
@@ -129,41 +129,10 @@ class ExportedModel:
 
     def predict(self, images: Sequence[Any] | Any) -> list[ExportedResult]:
         """Score images (paths, :class:`ImageRecord`, arrays, or anything with ``.path``); heatmaps at each
-        image's original size, verdicts from the sidecar's calibration."""
+        image's original size, verdicts from the sidecar's calibration. An unreadable image raises its error."""
         if isinstance(images, (str, os.PathLike, np.ndarray, ImageRecord)):
             images = [images]
-        items = list(images)
-        step = max(self.batch_size, 1)
-        chunks = [items[start : start + step] for start in range(0, len(items), step)]
-        results: list[ExportedResult] = []
-        # read and preprocess the next batch in a thread while the model runs (OpenCV and numpy release
-        # the GIL), as the checkpoint's predict does
-        with ThreadPoolExecutor(max_workers=1) as reader:
-            pending = reader.submit(self._prepare, chunks[0]) if chunks else None
-            for index, chunk in enumerate(chunks):
-                records, batch = pending.result()
-                if index + 1 < len(chunks):
-                    pending = reader.submit(self._prepare, chunks[index + 1])
-                scores, heatmaps = self.score_batch(batch)
-                normalized = self.calibration_.normalize(scores)
-                for item, record, score, norm, heatmap in zip(
-                    chunk, records, scores, normalized, heatmaps, strict=True
-                ):
-                    size = record.meta.size if isinstance(record, ImageRecord) else tuple(record.shape[:2])
-                    results.append(
-                        ExportedResult(
-                            score=float(score),
-                            normalized_score=float(norm),
-                            is_anomaly=bool(score > self.calibration_.image_threshold),
-                            heatmap=self.preprocessor.heatmap_to_original(heatmap, size),
-                            path=item_path(item),
-                        )
-                    )
-        return results
-
-    def _prepare(self, chunk: list) -> tuple[list, np.ndarray]:
-        records = [to_record(item) for item in chunk]
-        return records, self.preprocessor.batch(records)
+        return predict_all(self, list(images))
 
     def __repr__(self) -> str:
         return f"ExportedModel({self.name}, {self.description.get('model_format')}, {self.path})"

@@ -12,8 +12,9 @@ import torch
 from imaging_ad.export.graph import ExportGraph
 
 
-def write_torchscript(graph: ExportGraph, path: Path, image_size: int) -> dict:
-    """Trace ``graph`` (a fixed sequence of tensor operations, so tracing is exact) and save it."""
+def write_torchscript(graph: ExportGraph, path: Path, image_size: int, opset: int | None = None) -> dict:
+    """Trace ``graph`` (a fixed sequence of tensor operations, so tracing is exact) and save it (``opset``:
+    ONNX's, unused here)."""
     example = torch.zeros(2, 3, image_size, image_size)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # deprecation notice of torch.jit

@@ -1,10 +1,10 @@
 """The streaming scan: discover image files, score them in batches, write rows and overlays as it goes.
 
-Three stages overlap so the model never waits on the disk: a thread pool reads and preprocesses the
-next images (OpenCV, PIL and NumPy release the GIL for the heavy parts), the calling thread runs the
-model on one batch at a time, and one writer thread renders the overlays of the previous batch and
-appends its rows. Every stage holds at most a few batches, so memory does not grow with the folder:
-what is kept for the whole folder is a relative path and its size and modification time.
+Three stages overlap so the model never waits on the disk: the shared inference stream
+(:mod:`imaging_ad.inference`) reads and preprocesses the next images in a thread pool while the calling
+thread runs the model on one batch at a time, and one writer thread renders the overlays of the previous
+batch and appends its rows. Every stage holds at most a few batches, so memory does not grow with the
+folder: what is kept for the whole folder is a relative path and its size and modification time.
 
 A file that cannot be read or preprocessed becomes a row with its error; only failures of the scan
 itself (no model, no input folder, a full disk) stop it.
@@ -12,11 +12,8 @@ itself (no model, no input folder, a full disk) stop it.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import sys
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -26,20 +23,16 @@ from pathlib import Path
 from stat import S_ISREG
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from imaging_ad.io import ImageReadError, read_image
+from imaging_ad.inference import Outcome, background_priority
+from imaging_ad.io import ImageRecord
 from imaging_ad.scan.store import HEATMAP_DIR, INVALIDATED_DIR, ResultStore, ScanSettings
 
 if TYPE_CHECKING:  # pragma: no cover
     from imaging_ad.detectors import Detector
-    from imaging_ad.preprocess import Preprocessor
 
 log = logging.getLogger("imaging_ad.scan")
 
 HEATMAP_MODES = ("flagged", "all", "none")
-#: niceness added to the reader and writer threads (see _background_priority)
-BACKGROUND_NICE = 10
 REPORT_NAME = "report.html"
 
 
@@ -126,16 +119,6 @@ class _Item:
     size: int
     mtime_ns: int
     problem: str | None = None  # known before reading: not a regular file, cannot be stat'ed
-
-
-@dataclass
-class _Loaded:
-    item: _Item
-    tensor: Any = None  # torch.Tensor (3, S, S)
-    size: tuple[int, int] | None = None  # (height, width)
-    pixels: np.ndarray | None = None  # kept only when an overlay may be needed
-    error: str | None = None
-    error_code: str | None = None
 
 
 def scan(
@@ -256,21 +239,6 @@ def scan(
     )
 
 
-def _background_priority() -> None:
-    """Let the model's compute threads win the CPU over reading and writing (Linux; elsewhere a no-op).
-
-    On a machine with few cores a reader that preempts one of torch's OpenMP threads stalls the others
-    at the next barrier, which costs more than the read itself. At a lower priority the readers run in
-    the gaps (Python between ops, single-threaded steps) and, should they fall behind, whenever the
-    model waits for them, so the model never starves.
-    """
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(AttributeError, OSError):
-            thread = threading.get_native_id()
-            nice = os.getpriority(os.PRIO_PROCESS, thread) + BACKGROUND_NICE
-            os.setpriority(os.PRIO_PROCESS, thread, min(nice, 19))
-
-
 def discover(root: Path, out_dir: Path | None = None) -> list[Path]:
     """Image files under ``root`` (sorted, recursively), as the dataset discovery finds them.
 
@@ -310,68 +278,31 @@ def _plan(root: Path, out: Path, store: ResultStore) -> tuple[list[_Item], set[s
     return todo, present, skipped
 
 
+@dataclass
 class _Runner:
-    """One scan's pipeline state: thread pools, counters, the progress bar."""
+    """One scan's pipeline state: the writer thread, counters, the progress bar. Reading, preprocessing and
+    scoring are the shared inference stream's (:mod:`imaging_ad.inference`)."""
 
-    def __init__(
-        self,
-        detector: Detector,
-        store: ResultStore,
-        root: Path,
-        threshold: float,
-        heatmaps: str,
-        batch_size: int,
-        workers: int,
-        progress: Callable[[ScanProgress], None] | None,
-        progress_bar: bool,
-    ) -> None:
-        self.detector = detector
-        self.store = store
-        self.root = root
-        self.threshold = threshold
-        self.heatmaps = heatmaps
-        self.batch_size = batch_size
-        self.workers = workers
-        self.progress = progress
-        self.progress_bar = progress_bar
-        self.calibration = detector.calibration_
-        self.preprocessor_config = detector.preprocessor_.to_dict()
-        self._local = threading.local()
-        self.n_done = self.n_flagged = self.n_errors = self.n_overlays = 0
-
-    # -- stage 1: read + preprocess (thread pool) -----------------------------------------------
-
-    def _preprocessor(self) -> Preprocessor:
-        """One preprocessor per thread: albumentations pipelines are not documented as thread-safe."""
-        pre = getattr(self._local, "preprocessor", None)
-        if pre is None:
-            from imaging_ad.preprocess import Preprocessor
-
-            pre = self._local.preprocessor = Preprocessor.from_dict(self.preprocessor_config)
-        return pre
-
-    def _load(self, item: _Item) -> _Loaded:
-        if item.problem is not None:
-            return _Loaded(item, error=item.problem, error_code="unreadable")
-        try:
-            record = read_image(self.root / item.relpath)
-            tensor = self._preprocessor()(record)
-        except ImageReadError as exc:
-            return _Loaded(item, error=exc.reason, error_code=exc.reason_code)
-        except Exception as exc:  # noqa: BLE001  (a bad file must never stop the scan)
-            return _Loaded(item, error=f"{type(exc).__name__}: {exc}", error_code="preprocess_failed")
-        keep = record.pixels if self.heatmaps != "none" else None
-        return _Loaded(item, tensor=tensor, size=record.meta.size, pixels=keep)
-
-    # -- stage 2: the model (calling thread) ----------------------------------------------------
+    detector: Detector
+    store: ResultStore
+    root: Path
+    threshold: float
+    heatmaps: str
+    batch_size: int
+    workers: int
+    progress: Callable[[ScanProgress], None] | None
+    progress_bar: bool
+    n_done: int = 0
+    n_flagged: int = 0
+    n_errors: int = 0
+    n_overlays: int = 0
 
     def run(self, todo: list[_Item], n_skipped: int) -> None:
-        import torch
         from tqdm.auto import tqdm
 
+        from imaging_ad.inference import stream_batches
+
         total = len(todo)
-        # enough read ahead that the next batch is ready when the model is; no more (memory)
-        prefetch = self.batch_size + 2 * self.workers
         start = time.perf_counter()
         bar = tqdm(
             total=total,
@@ -382,52 +313,39 @@ class _Runner:
             smoothing=0.1,
         )
         self._report_progress(total, n_skipped, start)
+        # known before reading (not a regular file, cannot be stat'ed): rows of their own, never read
+        unreadable = [item for item in todo if item.problem is not None]
+        readable = [item for item in todo if item.problem is None]
+        by_path = {str(self.root / item.relpath): item for item in readable}
         with (
-            ThreadPoolExecutor(
-                self.workers, thread_name_prefix="scan-read", initializer=_background_priority
-            ) as readers,
-            ThreadPoolExecutor(
-                1, thread_name_prefix="scan-write", initializer=_background_priority
-            ) as writer,
+            ThreadPoolExecutor(1, thread_name_prefix="scan-write", initializer=background_priority) as writer,
             bar,
         ):
-            items = iter(todo)
-            pending: deque[Future[_Loaded]] = deque()
             writes: deque[Future[None]] = deque()
 
-            def refill() -> None:
-                while len(pending) < prefetch:
-                    item = next(items, None)
-                    if item is None:
-                        return
-                    pending.append(readers.submit(self._load, item))
-
-            refill()
-            ok: list[_Loaded] = []
-            failed: list[_Loaded] = []
-            while pending:
-                loaded = pending.popleft().result()
-                refill()
-                (failed if loaded.error is not None else ok).append(loaded)
-                if len(ok) < self.batch_size and len(failed) < self.batch_size and pending:
-                    continue
-                scores = maps = None
-                if ok:
-                    batch = torch.stack([entry.tensor for entry in ok])
-                    scores, maps = self.detector.score_tensor(batch)
-                    for entry in ok:
-                        entry.tensor = None
-                writes.append(writer.submit(self._write_batch, ok, failed, scores, maps))
-                n_batch = len(ok) + len(failed)
-                self.n_done += n_batch
-                self.n_errors += len(failed)
-                if scores is not None:
-                    self.n_flagged += int(np.count_nonzero(scores > self.threshold))
-                ok, failed = [], []
+            def write(rows: list[tuple[_Item, Outcome | None]]) -> None:
+                writes.append(writer.submit(self._write_batch, rows))
+                errors = sum(outcome is None or not outcome.ok for _, outcome in rows)
+                self.n_done += len(rows)
+                self.n_errors += errors
+                self.n_flagged += sum(o is not None and o.ok and o.result.is_anomaly for _, o in rows)
                 while writes and (writes[0].done() or len(writes) > 2):
                     writes.popleft().result()  # re-raises a failure of the writer (e.g. disk full)
-                bar.update(n_batch)
+                bar.update(len(rows))
                 self._report_progress(total, n_skipped, start)
+
+            for chunk in range(0, len(unreadable), self.batch_size):
+                write([(item, None) for item in unreadable[chunk : chunk + self.batch_size]])
+            outcomes = stream_batches(
+                self.detector,
+                [self.root / item.relpath for item in readable],
+                batch_size=self.batch_size,
+                workers=self.workers,
+                keep_records=self.heatmaps != "none",
+                threshold=self.threshold,
+            )
+            for batch in outcomes:
+                write([(by_path[outcome.path], outcome) for outcome in batch])
             while writes:
                 writes.popleft().result()
 
@@ -441,41 +359,36 @@ class _Runner:
             ScanProgress(self.n_done, total, self.n_flagged, self.n_errors, skipped, elapsed, rate, eta)
         )
 
-    # -- stage 3: overlays and rows (one writer thread, so rows stay in order) ------------------
+    # -- overlays and rows (one writer thread, so rows stay in order) ---------------------------
 
-    def _write_batch(
-        self,
-        ok: list[_Loaded],
-        failed: list[_Loaded],
-        scores: np.ndarray | None,
-        maps: np.ndarray | None,
-    ) -> None:
+    def _write_batch(self, rows: list[tuple[_Item, Outcome | None]]) -> None:
         """Write this batch's overlays, then its rows: a row never names an overlay not yet on disk."""
-        rows = []
-        if ok:
-            normalized = self.calibration.normalize(scores)
-            for i, entry in enumerate(ok):
-                score = float(scores[i])
-                flagged = bool(score > self.threshold)
-                heatmap_rel = None
-                if self.heatmaps == "all" or (flagged and self.heatmaps == "flagged"):
-                    heatmap_rel = self._write_overlay(entry, maps[i])
-                entry.pixels = None
-                height, width = entry.size
-                rows.append(
-                    self._row(entry.item)
-                    | {
-                        "score": score,
-                        "normalized_score": float(normalized[i]),
-                        "is_anomaly": flagged,
-                        "heatmap": heatmap_rel,
-                        "width": width,
-                        "height": height,
-                    }
-                )
-        for entry in failed:
-            rows.append(self._row(entry.item) | {"error": entry.error, "error_code": entry.error_code})
-        self.store.append(rows)
+        written = []
+        for item, outcome in rows:
+            if outcome is None:
+                written.append(self._row(item) | {"error": item.problem, "error_code": "unreadable"})
+                continue
+            if not outcome.ok:
+                written.append(self._row(item) | {"error": outcome.reason, "error_code": outcome.error_code})
+                continue
+            result = outcome.result
+            heatmap_rel = None
+            if self.heatmaps == "all" or (result.is_anomaly and self.heatmaps == "flagged"):
+                heatmap_rel = self._write_overlay(item, outcome)
+            outcome.record = None
+            height, width = outcome.size
+            written.append(
+                self._row(item)
+                | {
+                    "score": result.score,
+                    "normalized_score": result.normalized_score,
+                    "is_anomaly": result.is_anomaly,
+                    "heatmap": heatmap_rel,
+                    "width": width,
+                    "height": height,
+                }
+            )
+        self.store.append(written)
 
     def _row(self, item: _Item) -> dict[str, Any]:
         return {
@@ -485,18 +398,18 @@ class _Runner:
             "mtime_ns": item.mtime_ns,
         }
 
-    def _write_overlay(self, entry: _Loaded, model_map: np.ndarray) -> str | None:
+    def _write_overlay(self, item: _Item, outcome: Outcome) -> str | None:
         from imaging_ad.visualize import overlay, save_png
 
         # mirrors the input tree and keeps the original suffix, so names never collide
-        rel = f"{HEATMAP_DIR}/{entry.item.relpath}.png"
+        rel = f"{HEATMAP_DIR}/{item.relpath}.png"
         path = self.store.out_dir / rel
-        heatmap = self.detector.preprocessor_.heatmap_to_original(model_map, entry.size)
+        pixels = outcome.record.pixels if isinstance(outcome.record, ImageRecord) else outcome.record
         try:
             # blue up to the calibrated pixel threshold (as normal as normal images get), red at the peak
-            image = overlay(entry.pixels, heatmap, vmin=self.calibration.pixel_threshold)
+            image = overlay(pixels, outcome.result.heatmap, vmin=self.detector.calibration_.pixel_threshold)
         except (ValueError, TypeError) as exc:  # an odd pixel layout: keep the score, skip the picture
-            log.warning("%s: no overlay (%s)", entry.item.relpath, exc)
+            log.warning("%s: no overlay (%s)", item.relpath, exc)
             return None
         save_png(path, image)
         self.n_overlays += 1

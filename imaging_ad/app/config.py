@@ -16,13 +16,13 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from demo.safety import ZipLimits
+from imaging_ad.app.safety import ZipLimits
 
 DATA_ENV = "IMAGING_AD_DATA"
 APP_NAME = "imaging_ad"
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 WEIGHTS_DIR = REPO_ROOT / "weights"
-EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
+EXAMPLES_DIR = REPO_ROOT / "demo" / "examples"
 
 
 def default_data_dir() -> Path:

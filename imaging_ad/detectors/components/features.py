@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 def patch_grid(features: list[torch.Tensor]) -> torch.Tensor:
     """(B, D, h, w): every stage resized onto the finest selected stage's grid and concatenated."""
-    grid = features[0].shape[-2:]
+    grid = (int(features[0].shape[-2]), int(features[0].shape[-1]))
     maps = [features[0]] + [
         F.interpolate(f, size=grid, mode="bilinear", align_corners=False) for f in features[1:]
     ]
@@ -28,7 +28,11 @@ def pooled_statistics(features: list[torch.Tensor], with_std: bool = True) -> to
     diffuse findings better than any single patch."""
     stats = [f.mean(dim=(2, 3)) for f in features]
     if with_std:
-        stats += [f.std(dim=(2, 3)) for f in features]
+        # torch.std (Bessel-corrected) spelled out: ONNX has no standard-deviation operator
+        for f in features:
+            n = int(f.shape[-2]) * int(f.shape[-1])
+            centred = f - f.mean(dim=(2, 3), keepdim=True)
+            stats.append(((centred * centred).sum(dim=(2, 3)) / (n - 1)).sqrt())
     return torch.cat(stats, dim=1)
 
 

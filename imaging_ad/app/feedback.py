@@ -1,29 +1,22 @@
 """Learning from the reviews: errors at a threshold, a threshold suggested by the verdicts, reviewed
-normals added to a PatchCore memory bank, and a drift check of recent scores.
-
-``extend_patchcore_bank`` reaches into PatchCore's learned state (``memory_bank_``) and helpers
-(``_extract``, ``_embed``) from outside the detector before handing the grown bank to
-``use_memory_bank``: a candidate to move into ``imaging_ad/detectors/patchcore.py`` as a public method
-if it proves useful.
-"""
+normals added to a PatchCore memory bank (``PatchCore.extend_memory_bank``), and a drift check of
+recent scores."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from demo.review_store import QueueItem
+from imaging_ad.app.review_store import QueueItem
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
-
     from imaging_ad.calibration import Calibration
-    from imaging_ad.detectors.inputs import ImageInput
+    from imaging_ad.io.items import ImageInput
 
 
 # -- threshold arithmetic ---------------------------------------------------------------------------
@@ -114,38 +107,8 @@ class BankExtension:
     path: Path
     rows_before: int
     rows_added: int
-    n_images: int
-
-
-def _nearest_sq(x: torch.Tensor, bank: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    import torch
-
-    out = []
-    bank_norms = (bank * bank).sum(1)
-    for start in range(0, x.shape[0], chunk):
-        q = x[start : start + chunk]
-        d = (q * q).sum(1, keepdim=True) - 2 * q @ bank.T + bank_norms
-        out.append(d.min(dim=1).values.clamp_min_(0))
-    return torch.cat(out) if out else torch.empty(0)
-
-
-def select_new_rows(bank: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:
-    """Greedy k-centre continued from the existing bank: up to ``k`` candidate rows, each the one
-    farthest from the bank and the rows already chosen. Rows the bank already covers exactly add nothing
-    and are never picked."""
-    import torch
-
-    min_d = _nearest_sq(candidates, bank)
-    chosen: list[int] = []
-    for _ in range(min(k, candidates.shape[0])):
-        index = int(torch.argmax(min_d))
-        if float(min_d[index]) <= 0.0:
-            break
-        chosen.append(index)
-        row = candidates[index]
-        d = (candidates - row).pow(2).sum(1)
-        torch.minimum(min_d, d, out=min_d)
-    return torch.tensor(chosen, dtype=torch.long)
+    n_images: int  # added to the bank
+    n_calibration: int  # kept out of the bank to recalibrate on
 
 
 def extend_patchcore_bank(
@@ -155,52 +118,29 @@ def extend_patchcore_bank(
     *,
     rows_per_image: int | None = None,
     device: str = "cpu",
-    progress: Callable[[int, int], None] | None = None,
 ) -> BankExtension:
-    """A new PatchCore model file: the model at ``model_path`` with patches of ``images`` (reviewed as
-    normal) added to its memory bank, so that they and images like them score lower.
+    """A new PatchCore model file: the model at ``model_path`` with patches of images reviewed as normal
+    added to its memory bank, so that they and images like them score lower, and recalibrated.
 
-    The new rows are chosen like the fit's coreset: greedy k-centre over the new images' patch
-    embeddings, continued from the existing bank, keeping ``coreset_ratio`` of them (or
-    ``rows_per_image`` per image). The calibration (threshold, normalisation) is kept as it was: the
-    held-out normals it came from are not stored in the model, so it cannot be redone here; adding
-    normal patches only lowers distances, so the threshold errs towards fewer flags.
-    """
-    import torch
-
+    Calibration must come from normal images that are not in the bank, so every other reviewed normal
+    (in the order given) is kept out of the bank to recalibrate on: at least four are needed. Thresholds
+    resting on a few images are rough; the model file says how many it used."""
     from imaging_ad.detectors import load_detector
-    from imaging_ad.detectors.inputs import to_record
 
     images = list(images)
-    if not images:
-        raise ValueError("no images reviewed as normal to add")
+    if len(images) < 4:
+        raise ValueError(
+            f"{len(images)} image(s) reviewed as normal: at least 4 are needed (half extend the memory bank, "
+            "half recalibrate the thresholds)"
+        )
     detector = load_detector(Path(model_path), device=device)
     if detector.name != "patchcore":
         raise ValueError(f"only PatchCore models have a memory bank to extend; this one is {detector.name}")
     detector.progress = False
-    embeddings = []
-    batch = max(1, detector.batch_size)
-    for start in range(0, len(images), batch):
-        chunk = images[start : start + batch]
-        tensors = torch.stack([detector.preprocessor_(to_record(im)) for im in chunk])
-        with torch.inference_mode():
-            emb = detector._embed(detector._extract(tensors.to(detector.device_)))
-        embeddings.append(emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]).float())
-        if progress is not None:
-            progress(min(start + batch, len(images)), len(images))
-    candidates = torch.cat(embeddings)
-    bank = detector.memory_bank_
-    k = (
-        rows_per_image * len(images)
-        if rows_per_image is not None
-        else max(1, round(detector.coreset_ratio * candidates.shape[0]))
-    )
-    with torch.inference_mode():
-        chosen = select_new_rows(bank, candidates.to(bank.device), k)
-    rows_before = int(bank.shape[0])
-    detector.use_memory_bank(torch.cat([bank, candidates[chosen].to(bank.device)]))
+    rows_before = int(detector.memory_bank_.shape[0])
+    added = detector.extend_memory_bank(images[0::2], images[1::2], rows_per_image=rows_per_image)
     path = detector.save(out_path)
-    return BankExtension(path, rows_before, int(chosen.numel()), len(images))
+    return BankExtension(path, rows_before, added, len(images[0::2]), len(images[1::2]))
 
 
 # -- drift ----------------------------------------------------------------------------------------------

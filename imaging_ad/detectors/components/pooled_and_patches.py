@@ -8,17 +8,46 @@ is a dict of tensors, so scoring runs in torch and saving needs no pickle.
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
+from torch import nn
 
 from imaging_ad.detectors.base import Detector
-from imaging_ad.detectors.features import PatchSampler, patch_rows, pooled_statistics
+from imaging_ad.detectors.components.features import PatchSampler, patch_rows, pooled_statistics
+from imaging_ad.detectors.params import Interval
+
+#: rows (N, D) and a fitted model -> (N,) outlier scores
+OutlierScore = Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
+
+
+class PooledAndPatchHead(nn.Module):
+    """Feature maps -> (image scores from pooled statistics, maps from every patch vector)."""
+
+    def __init__(
+        self,
+        outlier_score: OutlierScore,
+        image_model: dict[str, torch.Tensor],
+        patch_model: dict[str, torch.Tensor],
+        pool_std: bool,
+    ) -> None:
+        super().__init__()
+        self.outlier_score = outlier_score
+        self.pool_std = pool_std
+        self.image_model, self.patch_model = image_model, patch_model  # not exported: plain attributes
+
+    def forward(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = self.outlier_score(pooled_statistics(features, self.pool_std), self.image_model)
+        b, (h, w) = features[0].shape[0], features[0].shape[-2:]
+        maps = self.outlier_score(patch_rows(features), self.patch_model).view(b, h, w)
+        return scores, maps
 
 
 class PooledAndPatchModels(Detector):
     feature_strides = (16, 32)
+    exportable = False
+    param_constraints = {"max_patches": Interval(2, None)}
     #: what the model is called in error messages ("the one-class SVM")
     model_description: ClassVar[str]
 
@@ -37,12 +66,16 @@ class PooledAndPatchModels(Detector):
     def _outlier_score(self, rows: torch.Tensor, model: dict[str, torch.Tensor]) -> torch.Tensor:
         """(N,) scores of ``rows`` (N, D), higher for more unusual rows."""
 
-    def _fit_stream(self, batches: Iterator[list[torch.Tensor]], n_images: int) -> None:
-        pooled, sampler = [], PatchSampler(self.max_patches, n_images, self.seed)
-        for features in batches:
-            pooled.append(pooled_statistics(features, self.pool_std).cpu())
-            sampler.add(patch_rows(features), features[0].shape[0])
-        vectors = torch.cat(pooled)
+    def begin_fit(self, n_images: int) -> None:
+        self._pooled, self._sampler = [], PatchSampler(self.max_patches, n_images, self.seed)
+
+    def partial_fit(self, features: list[torch.Tensor]) -> None:
+        self._pooled.append(pooled_statistics(features, self.pool_std).cpu())
+        self._sampler.add(patch_rows(features), features[0].shape[0])
+
+    def end_fit(self) -> None:
+        vectors, sampler = torch.cat(self._pooled), self._sampler
+        del self._pooled, self._sampler
         if vectors.shape[0] < 2:
             raise ValueError(f"{self.model_description} needs at least two training images")
         self.image_model_ = self._to_device(self._fit_model(vectors))
@@ -51,11 +84,11 @@ class PooledAndPatchModels(Detector):
     def _to_device(self, model: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device_) for k, v in model.items()}
 
-    def _score(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = self._outlier_score(pooled_statistics(features, self.pool_std), self.image_model_)
-        b, (h, w) = features[0].shape[0], features[0].shape[-2:]
-        maps = self._outlier_score(patch_rows(features), self.patch_model_).view(b, h, w)
-        return scores, maps
+    def _build_head(self) -> PooledAndPatchHead:
+        return PooledAndPatchHead(self._outlier_score, self.image_model_, self.patch_model_, self.pool_std)
+
+    def not_exportable_reason(self) -> str:
+        return f"{self.model_description} is not written as a fixed tensor graph"
 
     def _state(self) -> dict[str, torch.Tensor]:
         return {

@@ -114,3 +114,24 @@ class StreamingCoreset:
         chosen = greedy_coreset(chunk, k, self.projection_dim, self.generator)
         self._kept.append(chunk[chosen].clone())
         self._kept_rows += len(chosen)
+
+
+def select_more_centres(centres: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:
+    """Greedy k-centre continued from existing ``centres``: indices of up to ``k`` ``candidates`` rows, each
+    the one farthest from the centres and the rows already chosen. Rows the centres already cover exactly
+    add nothing and are never picked."""
+    centre_norms = (centres * centres).sum(1)
+    min_distance = torch.cat(
+        [
+            ((block * block).sum(1, keepdim=True) - 2 * block @ centres.T + centre_norms).min(dim=1).values
+            for block in candidates.split(4096)
+        ]
+    ).clamp_min_(0)
+    chosen: list[int] = []
+    for _ in range(min(k, candidates.shape[0])):
+        index = int(torch.argmax(min_distance))
+        if float(min_distance[index]) <= 0.0:
+            break
+        chosen.append(index)
+        torch.minimum(min_distance, (candidates - candidates[index]).pow(2).sum(1), out=min_distance)
+    return torch.tensor(chosen, dtype=torch.long)

@@ -20,11 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from demo import feedback
-from demo.config import DemoConfig
-from demo.models import ModelCache, ModelEntry, fingerprint, list_models
-from demo.review_store import NewItem, QueueItem, ReviewStore
-from demo.safety import (
+from imaging_ad.app import feedback
+from imaging_ad.app.config import DemoConfig
+from imaging_ad.app.models import ModelCache, ModelEntry, fingerprint, list_models
+from imaging_ad.app.review_store import NewItem, QueueItem, ReviewStore
+from imaging_ad.app.safety import (
     IMAGE_SUFFIXES,
     UnsafeInputError,
     check_upload_name,
@@ -417,10 +417,9 @@ class DemoService:
                 return candidate
         raise ValueError("too many versions")
 
-    def add_normals_to_bank(
-        self, entry: ModelEntry, progress: ProgressFn | None = None
-    ) -> feedback.BankExtension:
-        """A new version of a PatchCore model with the images reviewed as normal in its memory bank."""
+    def add_normals_to_bank(self, entry: ModelEntry) -> feedback.BankExtension:
+        """A new version of a PatchCore model with the images reviewed as normal in its memory bank and its
+        thresholds recalibrated (see :func:`feedback.extend_patchcore_bank`)."""
         sha = fingerprint(entry.path)
         normals = [i for i in self.store.labelled(sha) if i.verdict == "normal"]
         readable = [
@@ -436,9 +435,6 @@ class DemoService:
             readable,
             self.next_version_path(entry),
             device=self.config.device,
-            progress=(lambda done, total: progress(done / total, f"{done}/{total} images"))
-            if progress
-            else None,
         )
 
     def recent_scores(self, sha: str, n: int = 200) -> list[float]:

@@ -1,4 +1,4 @@
-"""Start the demo: ``imaging-ad demo`` (or ``python -m demo``) ends up in :func:`launch`."""
+"""Start the demo: ``imaging-ad demo`` (or ``python demo/launch.py``) ends up in :func:`launch`."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ import os
 import sys
 from pathlib import Path
 
-from demo.config import DATA_ENV, DemoConfig, default_data_dir
+from imaging_ad.app.config import DATA_ENV, DemoConfig, default_data_dir
 
 log = logging.getLogger("imaging_ad.demo")
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The demo's options (shared by ``imaging-ad demo`` and ``python -m demo``)."""
+    """The demo's options (shared by ``imaging-ad demo`` and ``demo/launch.py``)."""
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
     )
@@ -89,8 +89,8 @@ def launch(
             file=sys.stderr,
         )
     prepare_environment(config)
-    from demo.app import KEYS_HEAD, build_app
-    from demo.service import DemoService
+    from imaging_ad.app.service import DemoService
+    from imaging_ad.app.ui import KEYS_HEAD, build_app
 
     service = DemoService(config)
     try:  # load and warm up the default model now, so the first click is fast
@@ -142,6 +142,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m demo", description="The imaging_ad Gradio demo.")
+    parser = argparse.ArgumentParser(prog="demo/launch.py", description="The imaging_ad Gradio demo.")
     add_arguments(parser)
     return run(parser.parse_args(argv))
