@@ -14,7 +14,13 @@ from imaging_ad.detectors import (  # noqa: F401  (registration)
 )
 from imaging_ad.detectors.base import AnomalyResult, Detector
 from imaging_ad.detectors.persistence import ModelFileError, load_detector, read_description
-from imaging_ad.detectors.registry import DETECTORS, create_detector, list_detectors, register_detector
+from imaging_ad.detectors.registry import (
+    DETECTORS,
+    create_detector,
+    list_detectors,
+    register_detector,
+    resolve_detector_name,
+)
 
 __all__ = [
     "DETECTORS",
@@ -26,4 +32,5 @@ __all__ = [
     "load_detector",
     "read_description",
     "register_detector",
+    "resolve_detector_name",
 ]

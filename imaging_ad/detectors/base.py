@@ -269,7 +269,9 @@ class Detector(ABC):
     ) -> Iterator[tuple[list[torch.Tensor], Batch]]:
         """Each batch's backbone features, with the batch itself (original sizes, paths); the progress bar
         counts a batch once the consumer is done with it."""
-        with tqdm(total=len(images), desc=desc, unit="img", disable=not self.progress, leave=False) as bar:
+        # One batch or less: the bar would jump from 0 to done and only clutter e.g. a one-image predict().
+        quiet = not self.progress or len(images) <= self.batch_size
+        with tqdm(total=len(images), desc=desc, unit="img", disable=quiet, leave=False) as bar:
             for batch in self._batches(images):
                 with torch.inference_mode():
                     features = self._extract(batch.images.to(self.device_, non_blocking=True))

@@ -23,10 +23,29 @@ def register_detector(name: str) -> Callable[[T], T]:
 
 
 def create_detector(name: str, **params) -> Detector:
-    """Instantiate a registered detector by name with hyperparameters."""
-    if name not in DETECTORS:
-        raise ValueError(f"unknown detector {name!r}; registered: {', '.join(sorted(DETECTORS))}")
-    return DETECTORS[name](**params)
+    """Instantiate a registered detector by name (see :func:`resolve_detector_name`) with hyperparameters."""
+    return DETECTORS[resolve_detector_name(name)](**params)
+
+
+def resolve_detector_name(name: str) -> str:
+    """The registered name for ``name`` in any case and spelling: ``PatchCore``, ``Patchcore`` (anomalib's
+    class name), ``PADIM``, ``feature-ae`` all resolve; case, ``-``, ``_`` and spaces do not count."""
+    if name in DETECTORS:
+        return name
+    wanted = _spelling_key(name)
+    for registered in DETECTORS:
+        if _spelling_key(registered) == wanted:
+            return registered
+    import difflib
+
+    close = difflib.get_close_matches(wanted, [_spelling_key(n) for n in DETECTORS], n=3, cutoff=0.6)
+    suggestions = [n for n in sorted(DETECTORS) if _spelling_key(n) in close]
+    hint = f"; did you mean {' or '.join(suggestions)}?" if suggestions else ""
+    raise ValueError(f"unknown detector {name!r}{hint} (registered: {', '.join(sorted(DETECTORS))})")
+
+
+def _spelling_key(name: str) -> str:
+    return "".join(ch for ch in str(name).lower() if ch.isalnum())
 
 
 def list_detectors() -> list[str]:
