@@ -73,7 +73,7 @@ def verdict_markdown(result: InspectResult | None, normalized_threshold: float) 
     word = "ANOMALOUS" if anomalous else "NORMAL"
     return (
         f"### Verdict: **{word}**\n\n"
-        f"| | |\n|---|---|\n"
+        f"| measure | value |\n|---|---|\n"
         f"| score | <span id='inspect-score'>{result.score:.4f}</span> |\n"
         f"| normalised score | {result.normalized_score:.3f} |\n"
         f"| threshold | {normalized_threshold:.2f} normalised = {raw:.4f} raw "
@@ -297,6 +297,19 @@ def build_app(service: DemoService) -> gr.Blocks:
                         label="every verdict (history), not just the latest", value=False
                     )
                 export_file = gr.File(label="Verdicts CSV", interactive=False, elem_id="review-export-file")
+                with gr.Row():
+                    dicom_button = gr.Button(
+                        "Export DICOM results (flagged DICOM images)", elem_id="review-dicom"
+                    )
+                    dicom_file = gr.File(
+                        label="DICOM results (zip)", interactive=False, elem_id="review-dicom-file"
+                    )
+                dicom_md = gr.Markdown(
+                    "For flagged DICOM images (reviewed as anomalous, or unreviewed above the threshold): a "
+                    "Secondary Capture of the overlay with its colour bar, a Parametric Map of the heatmap and "
+                    "one Key Object Selection per study, all referencing the source study, series and image. "
+                    "**Not for diagnostic use.**"
+                )
 
                 def show(item: QueueItem | None):
                     done, total = service.store.progress()
@@ -372,12 +385,22 @@ def build_app(service: DemoService) -> gr.Blocks:
                     lambda history: str(service.export_verdicts(history)), [export_history], export_file
                 )
 
+                def do_dicom_export(progress=gr.Progress()):  # noqa: B008  (Gradio injects it)
+                    try:
+                        archive, notes = service.export_dicom(lambda f, desc: progress(f, desc=desc))
+                    except (*USER_ERRORS, RuntimeError) as exc:  # RuntimeError: highdicom not installed
+                        raise _fail(exc) from exc
+                    return str(archive), "\n".join(f"- {n}" for n in notes) or dicom_md.value
+
+                dicom_button.click(do_dicom_export, None, [dicom_file, dicom_md])
+
             # ---------------------------------------------------------------- Batch
             with gr.Tab("Batch", id="batch", elem_id="tab-batch"):
                 with gr.Row():
                     with gr.Column(scale=1):
                         batch_files = gr.File(
-                            label="Images or zip archives of images",
+                            # browsers send file names without their folders; a zip keeps them
+                            label="Images or zip archives of images (a zip keeps its folders)",
                             file_count="multiple",
                             file_types=list(UPLOAD_SUFFIXES),
                             type="filepath",
