@@ -41,12 +41,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
 
     p = sub.add_parser("dataset", help="describe what dataset discovery finds in DATA")
-    p.add_argument("data", help="MVTec-style folder, folder of images, or CSV manifest")
+    _add_data_arguments(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(run=_dataset)
 
     p = sub.add_parser("fit", help="fit a detector on the normal training images of DATA")
-    p.add_argument("data")
+    _add_data_arguments(p)
     p.add_argument("--detector", default="patchcore", help="registered detector name (default: patchcore)")
     p.add_argument("--backbone", default=None, help="timm model name (default: tf_efficientnet_lite0)")
     p.add_argument(
@@ -65,12 +65,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--param", action="append", default=[], metavar="KEY=VALUE", help="any detector hyperparameter"
     )
-    p.add_argument("--out", required=True, help="model file to write (.safetensors)")
+    p.add_argument("--out", required=True, help="model file to write; must end in .safetensors")
     p.set_defaults(run=_fit)
 
     p = sub.add_parser("evaluate", help="metrics of MODEL on the test split of DATA")
     p.add_argument("model")
-    p.add_argument("data")
+    _add_data_arguments(p)
     p.add_argument("--json", default=None, help="write the metrics to this JSON file")
     p.add_argument("--plots", default=None, help="write ROC/PR curves and example overlays here")
     p.add_argument("--device", default="auto")
@@ -82,6 +82,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--heatmaps", default=None, help="write heatmap overlays (PNG) here")
     p.add_argument("--json", default=None, help="write results to this JSON file")
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--allow-errors",
+        action="store_true",
+        help="exit 0 even when some inputs could not be scored (default: exit 1 then)",
+    )
     p.set_defaults(run=_predict)
 
     p = sub.add_parser("export", help="export a fitted model to ONNX or TorchScript, with a JSON sidecar")
@@ -103,6 +108,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="read/preprocess threads (default: 2-4)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the model's batch size")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--dicom-out",
+        default=None,
+        metavar="DIR",
+        help="for flagged DICOM inputs, write DICOM results here: a Secondary Capture of the overlay, a "
+        "Parametric Map of the heatmap, one Key Object Selection per study (needs the [dicom] extra)",
+    )
     p.set_defaults(run=_scan)
 
     p = sub.add_parser("info", help="show what the reader sees in image files")
@@ -125,20 +137,63 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _dataset(args: argparse.Namespace) -> int:
-    from imaging_ad.data import discover_dataset
+def _add_data_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "data",
+        nargs="?",
+        default=None,
+        help="dataset folder (MVTec-style, train/test class folders, plain folder) or CSV manifest; with "
+        "explicit folders, the folder they are relative to",
+    )
+    p.add_argument(
+        "--normal-dir",
+        action="append",
+        default=[],
+        metavar="[NAME=]DIR",
+        help="folder of normal images (repeatable); a share becomes test images",
+    )
+    p.add_argument(
+        "--abnormal-dir",
+        action="append",
+        default=[],
+        metavar="[NAME=]DIR",
+        help="folder of anomalous images, named NAME or after the folder (repeatable)",
+    )
+    p.add_argument(
+        "--mask-dir",
+        action="append",
+        default=[],
+        metavar="[NAME=]DIR",
+        help="masks of the anomalous images, <stem>.png or <stem>_mask.png (NAME=DIR: that folder only)",
+    )
 
-    dataset = discover_dataset(args.data)
+
+def _open_dataset(args: argparse.Namespace):  # -> imaging_ad.data.Dataset
+    from imaging_ad.data import open_dataset
+
+    return open_dataset(
+        args.data, normal_dirs=args.normal_dir, abnormal_dirs=args.abnormal_dir, mask_dirs=args.mask_dir
+    )
+
+
+def _dataset(args: argparse.Namespace) -> int:
+    dataset = _open_dataset(args)
     print(json.dumps(dataset.summary(), indent=2) if args.json else dataset.describe())
-    return 0
+    return 1 if dataset.unknown_classes else 0
 
 
 def _fit(args: argparse.Namespace) -> int:
     from imaging_ad.data import discover_dataset
-    from imaging_ad.detectors import create_detector
+    from imaging_ad.detectors import create_detector, resolve_detector_name
 
-    dataset = discover_dataset(args.data)
-    params = {key: value for key, value in (_parse_param(p) for p in args.param)}
+    # Everything that can be checked without reading an image is checked first.
+    if Path(args.out).suffix != ".safetensors":
+        raise ValueError(
+            f"--out {args.out}: a fitted model is saved as .safetensors; name it "
+            f"{Path(args.out).with_suffix('.safetensors')} (`imaging-ad export` writes .onnx or TorchScript .pt)"
+        )
+    detector_name = resolve_detector_name(args.detector)
+    params = dict(_parse_param(p) for p in args.param)
     for option, name in (
         ("backbone", "backbone"),
         ("backbone_weights", "backbone_weights"),
@@ -151,13 +206,13 @@ def _fit(args: argparse.Namespace) -> int:
     if args.clahe:
         params["clahe"] = True
     params["device"] = args.device
-    detector = create_detector(args.detector, **params)
+    detector = create_detector(detector_name, **params)  # checks every hyperparameter, reads nothing
+    dataset = _open_dataset(args)
+    train = dataset.train  # refuses class folders of unknown meaning, naming them
     validation = discover_dataset(args.validation).train if args.validation else None
-    print(
-        f"fitting {args.detector} on {len(dataset.train)} normal images from {dataset.root}", file=sys.stderr
-    )
+    print(f"fitting {detector_name} on {len(train)} normal images from {dataset.root}", file=sys.stderr)
     start = time.perf_counter()
-    detector.fit(dataset.train, validation_images=validation)
+    detector.fit(train, validation_images=validation)
     seconds = time.perf_counter() - start
     path = detector.save(args.out)
     cal = detector.calibration_
@@ -169,17 +224,15 @@ def _fit(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from imaging_ad.data import discover_dataset
     from imaging_ad.detectors import load_detector
-    from imaging_ad.evaluation import evaluate, save_plots
+    from imaging_ad.evaluation import evaluate, format_metrics, save_plots
 
+    dataset = _open_dataset(args)
+    dataset.check_known_classes()  # before the model loads
     detector = load_detector(Path(args.model), device=args.device)
-    dataset = discover_dataset(args.data)
     evaluation = evaluate(detector, dataset)
     report = evaluation.report
-    for key in ("image_auroc", "pixel_auroc", "aupro", "f1_max", "average_precision", "precision", "recall"):
-        value = report.get(key)
-        print(f"{key:>18}: {'n/a' if value is None else f'{value:.4f}'}")
+    print(format_metrics(report))
     print(f"{'images_per_second':>18}: {evaluation.images_per_second:.2f}")
     for category, values in sorted(report.get("per_category", {}).items()):
         auroc = values.get("image_auroc")
@@ -209,6 +262,7 @@ def _predict(args: argparse.Namespace) -> int:
     paths = _expand_inputs(args.inputs)
     if not paths:
         raise ValueError("no image files found in the given inputs")
+    print(f"{'verdict':<8} {'normalised':>10}  {'score':>10}  path")
     rows = []
     keep = bool(args.heatmaps)  # overlays need the pixels
     for outcome in stream(model, paths, keep_records=keep):  # a bad file gets a row with its error
@@ -228,19 +282,25 @@ def _predict(args: argparse.Namespace) -> int:
         }
         if args.heatmaps:
             pixels = getattr(outcome.record, "pixels", outcome.record)
-            out = (
-                Path(args.heatmaps) / f"{len(rows):05d}_{Path(outcome.path).stem}_heatmap.png"
-            )  # stems can repeat
+            stem = Path(outcome.path).stem
+            out = Path(args.heatmaps) / f"{len(rows):05d}_{stem}_heatmap.png"  # stems can repeat
             row["heatmap"] = str(save_png(out, overlay(pixels, result.heatmap)))
         rows.append(row)
-        flag = "ANOMALY" if result.is_anomaly else "normal "
-        print(f"{flag}  {result.normalized_score:.3f}  {result.score:10.4f}  {outcome.path}")
-    for row in rows:
-        if "error" in row:
-            print(f"ERROR    {row['error']}", file=sys.stderr)
+        flag = "ANOMALY" if result.is_anomaly else "normal"
+        print(f"{flag:<8} {result.normalized_score:>10.3f}  {result.score:>10.4f}  {outcome.path}")
+    errors = [row for row in rows if "error" in row]
+    for row in errors:
+        print(f"ERROR    {row['error']}", file=sys.stderr)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rows, indent=2))
+    if errors and not args.allow_errors:
+        print(
+            f"imaging-ad predict: {len(errors)} of {len(rows)} input(s) could not be scored "
+            "(exit code 1; --allow-errors exits 0)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -271,6 +331,7 @@ def _scan(args: argparse.Namespace) -> int:
             workers=args.workers,
             batch_size=args.batch_size,
             progress_bar=not args.no_progress,
+            dicom_out=args.dicom_out,
         )
     except KeyboardInterrupt:
         print(
@@ -339,13 +400,17 @@ def _expand_inputs(inputs: list[str]) -> list[Path]:
 
 
 def _parse_param(text: str) -> tuple[str, object]:
-    if "=" not in text:
+    """``KEY=VALUE`` with VALUE read as JSON where it parses (numbers, true/false, lists), else text."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
         raise ValueError(f"--param expects KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
+    key = key.strip().replace("-", "_")
+    if value.strip().lower() in ("true", "false"):
+        return key, value.strip().lower() == "true"
     try:
-        return key.replace("-", "_"), json.loads(value)
+        return key, json.loads(value)
     except json.JSONDecodeError:
-        return key.replace("-", "_"), value
+        return key, value
 
 
 if __name__ == "__main__":

@@ -45,24 +45,63 @@ def evaluate(detector: Detector, dataset: Dataset, fpr_limit: float = 0.3) -> Ev
         heatmaps=heatmaps,
         categories=[s.category for s in test],
         threshold=detector.calibration_.image_threshold,
+        inclusive=False,  # the detector's verdict: score > threshold
         fpr_limit=fpr_limit,
     )
+    report["threshold_source"] = "calibrated"
+    report["calibration_target_fpr"] = detector.calibration_.target_fpr
     report["images_per_second"] = images_per_second
     report["detector"] = detector.name
     return Evaluation(report=report, results=results, images_per_second=images_per_second)
 
 
+def format_metrics(report: dict) -> str:
+    """The console summary of an evaluation report; threshold-dependent metrics name their threshold."""
+
+    def value(key: str) -> str:
+        v = report.get(key)
+        return "n/a" if v is None else f"{v:.4f}"
+
+    lines = [
+        f"{key:>18}: {value(key)}" for key in ("image_auroc", "pixel_auroc", "aupro", "average_precision")
+    ]
+    if report.get("f1_max") is not None:
+        lines.append(
+            f"{'f1_max':>18}: {value('f1_max')} at the best threshold for this test set "
+            f"(score >= {report['f1_max_threshold']:.4g})"
+        )
+    threshold = report.get("threshold")
+    if threshold is not None:
+        fpr = report.get("calibration_target_fpr")
+        source = (
+            f"the calibrated threshold {threshold:.4g} (score > {threshold:.4g} is anomalous"
+            + (f"; set for {fpr:.1%} false positives on held-out normals)" if fpr is not None else ")")
+            if report.get("threshold_source") == "calibrated"
+            else f"the threshold {threshold:.4g}"
+        )
+        lines.append(f"at {source}:")
+        for key in ("precision", "recall", "f1", "false_positive_rate"):
+            lines.append(f"{key:>18}: {value(key)}")
+    return "\n".join(lines)
+
+
 def save_plots(
     evaluation: Evaluation, dataset: Dataset, out_dir: str | os.PathLike, n_examples: int = 8
 ) -> list[Path]:
-    """ROC/PR curves plus heatmap overlays of the highest-scoring anomalies and normals."""
+    """ROC/PR curves (the calibrated operating point marked) plus heatmap overlays of the
+    highest-scoring anomalies and normals."""
     from imaging_ad.io import read_image
     from imaging_ad.visualize import contour_mask, overlay, save_png
 
     out = Path(out_dir)
-    written = list(
-        save_curves([s.label for s in dataset.test], [r.score for r in evaluation.results], out).values()
+    curves = save_curves(
+        [s.label for s in dataset.test],
+        [r.score for r in evaluation.results],
+        out,
+        threshold=evaluation.report.get("threshold"),
+        inclusive=False,
     )
+    written = list(curves.values())
     order = np.argsort([-r.score for r in evaluation.results])
     picks = [i for i in order if dataset.test[i].label == 1][:n_examples]
     picks += [i for i in order if dataset.test[i].label == 0][:n_examples]

@@ -1,8 +1,7 @@
 """Intensity scaling to [0, 1], the first preprocessing step, in NumPy only.
 
-Both :class:`imaging_ad.preprocess.Preprocessor` and the torch-free
-:class:`imaging_ad.export.preprocessing.NumpyPreprocessor` call these functions, so a model and its
-exported copy cannot scale pixels differently.
+:class:`imaging_ad.preprocess.Preprocessor`, the one preprocessing of fitting, predicting and exported
+models, calls these functions.
 """
 
 from __future__ import annotations

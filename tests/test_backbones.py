@@ -102,6 +102,26 @@ def test_hub_failure_names_offline_backbones(monkeypatch):
     )
 
 
+def test_unreachable_hub_fails_within_seconds_not_after_retries(monkeypatch, tmp_path):
+    """Without HF_HUB_OFFLINE, an unreachable hub used to cost ~50 s of download retries."""
+    import time
+
+    from huggingface_hub import constants
+
+    from imaging_ad.backbones import registry
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")  # .invalid never resolves (RFC 2606)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))  # no cached weights to fall back on
+    start = time.perf_counter()
+    assert registry._hub_reachable() is False
+    with pytest.raises(BackboneWeightsUnavailableError, match="hub cannot be reached"):
+        load_classifier("resnet18")
+    assert time.perf_counter() - start < registry.HUB_PROBE_TIMEOUT_S + 5
+
+
 def test_unknown_name_suggests_close_matches():
     with pytest.raises(BackboneError, match="resnet18"):
         create_backbone("resnet_18")

@@ -446,3 +446,98 @@ def test_shared_chest_xray(shared_data: Path) -> None:
     assert len([s for s in ds.test if s.label == 1 and s.category == "PNEUMONIA"]) == 390
     assert len(ds.samples) == 1341 + 234 + 390
     assert ds.summary()["masks"] == 0
+
+
+# --- class folders of unknown meaning, and explicit folders ---------------------------------------
+
+
+def yes_no(root: Path, n_no: int = 5, n_yes: int = 7) -> Path:
+    """The brain MRI layout: a tumour class ``yes/`` and a healthy class ``no/``, no split, no hint."""
+    for i in range(n_no):
+        png(root / "no" / f"n{i}.png")
+    for i in range(n_yes):
+        png(root / "yes" / f"y{i}.png")
+    return root
+
+
+def test_yes_no_class_folders_are_unknown_never_normal(tmp_path: Path) -> None:
+    ds = discover_dataset(yes_no(tmp_path / "brain"))
+    assert ds.samples == []  # nothing was taken as normal
+    assert {name: len(paths) for name, paths in ds.unknown_classes.items()} == {"no": 5, "yes": 7}
+    assert ds.summary()["unknown_classes"] == {"no": 5, "yes": 7}
+    with pytest.raises(DatasetError) as info:
+        ds.train  # noqa: B018  (the property refuses)
+    message = str(info.value)
+    assert "no/ (5 images)" in message and "yes/ (7 images)" in message
+    assert "--normal-dir no --abnormal-dir yes" in message  # "no" reads as the negative finding
+    with pytest.raises(DatasetError, match="whether they are normal"):
+        ds.test  # noqa: B018
+    table = ds.describe()
+    assert "unknown" in table and "error:" in table
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        ["patient1/a.png", "patient2/b.png"],  # two folders side by side: classes or not, nobody knows
+        ["positive/a.png"],  # one folder, but its name is a label
+        ["good/a.png", "good/b.png", "1/c.png"],  # "1" beside "good" may be normal too
+        ["train/good/a.png", "test/good/b.png", "test/no/c.png"],  # label-like class in a split layout
+    ],
+)
+def test_label_like_or_side_by_side_folders_are_unknown(tmp_path: Path, layout: list[str]) -> None:
+    for rel in layout:
+        png(tmp_path / rel)
+    ds = discover_dataset(tmp_path)
+    assert ds.unknown_classes
+    with pytest.raises(DatasetError, match="--normal-dir"):
+        ds.train  # noqa: B018
+
+
+def test_one_plainly_named_subfolder_is_still_a_plain_folder(tmp_path: Path) -> None:
+    png(tmp_path / "a.png")
+    png(tmp_path / "scans" / "b.png")
+    ds = discover_dataset(tmp_path)
+    assert ds.unknown_classes == {} and names(ds.train) == ["a.png", "b.png"]
+
+
+def test_explicit_folders_give_the_right_counts(tmp_path: Path) -> None:
+    from imaging_ad.data import folder_dataset
+
+    root = yes_no(tmp_path / "brain", n_no=10, n_yes=7)
+    for i in range(3):
+        mask_png(root / "masks" / f"y{i}_mask.png")
+    ds = folder_dataset(["no"], ["tumour=yes"], ["masks"], root=root, test_fraction=0.2)
+    assert ds.layout == "explicit" and ds.root == root
+    summary = ds.summary()
+    assert (summary["train"]["normal"], summary["test"]["normal"], summary["test"]["anomalous"]) == (8, 2, 7)
+    assert summary["test"]["categories"] == {"no": 2, "tumour": 7}
+    assert summary["masks"] == 3 and any("have no mask" in w for w in ds.warnings)
+    assert {s.path.name for s in ds.train} <= {f"n{i}.png" for i in range(10)}
+
+
+def test_explicit_normal_folder_around_the_anomalous_one(tmp_path: Path) -> None:
+    """``--normal-dir . --abnormal-dir defects``: the defects inside the normal folder stay anomalous."""
+    from imaging_ad.data import open_dataset
+
+    for i in range(4):
+        png(tmp_path / f"ok{i}.png")
+    png(tmp_path / "defects" / "d0.png")
+    ds = open_dataset(tmp_path, normal_dirs=["."], abnormal_dirs=["defects"], test_fraction=0.25)
+    assert sorted(names([s for s in ds.samples if s.label == 0])) == [f"ok{i}.png" for i in range(4)]
+    assert names([s for s in ds.samples if s.label == 1]) == ["d0.png"]
+
+
+def test_explicit_folder_errors_name_the_folder(tmp_path: Path) -> None:
+    from imaging_ad.data import folder_dataset
+
+    yes_no(tmp_path)
+    with pytest.raises(DatasetError, match="does not exist"):
+        folder_dataset(["missing"], root=tmp_path)
+    with pytest.raises(DatasetError, match="both as --normal-dir and as --abnormal-dir"):
+        folder_dataset(["no"], ["no"], root=tmp_path)
+    with pytest.raises(DatasetError, match="at least one folder of normal images"):
+        folder_dataset([], ["yes"], root=tmp_path)
+    png(tmp_path / "a" / "yes" / "z.png")
+    with pytest.raises(DatasetError, match="name them apart"):
+        folder_dataset(["no"], ["yes", "a/yes"], root=tmp_path)

@@ -157,3 +157,57 @@ def test_cli_has_the_demo_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "--allowed-root" in out and "127.0.0.1" in out
+
+
+def test_same_named_uploads_keep_their_names_and_zips_keep_their_folders(
+    service: DemoService, tmp_path: Path
+) -> None:
+    uploads = []
+    for folder, example in (("a", EXAMPLES[0]), ("b", EXAMPLES[1])):
+        (tmp_path / folder).mkdir()
+        uploads.append(shutil.copy(example, tmp_path / folder / "000.jpeg"))
+    archive = tmp_path / "scans.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(EXAMPLES[2], "left/000.jpeg")
+        zf.write(EXAMPLES[3], "right/000.jpeg")
+    dest = tmp_path / "input"
+    service.gather_inputs([*uploads, str(archive)], None, dest)
+    found = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*.jpeg"))
+    assert found == ["000.jpeg", "2/000.jpeg", "scans/left/000.jpeg", "scans/right/000.jpeg"]
+    assert (dest / "2" / "000.jpeg").read_bytes() == EXAMPLES[1].read_bytes()
+
+
+def test_inspect_verdict_table_has_no_empty_first_row(service: DemoService) -> None:
+    from imaging_ad.app.tabs.inspect import verdict_markdown
+
+    lines = verdict_markdown(service.inspect(EXAMPLES[0]), 0.5).splitlines()
+    header = lines[lines.index("|---|---|") - 1]
+    assert all(cell.strip() for cell in header.strip("|").split("|")), header
+
+
+def test_review_export_writes_dicom_results_for_flagged_dicom(service: DemoService, tmp_path: Path) -> None:
+    pytest.importorskip("highdicom")
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    source = tmp_path / "mr.dcm"
+    shutil.copy(get_testdata_file("MR_small.dcm"), source)
+    item = service.store.item(service.inspect(source).item_id)
+    service.store.record_verdict(item.id, "anomalous", "tester")
+    archive, notes = service.export_dicom()
+    assert notes == [] and archive.suffix == ".zip"
+    with zipfile.ZipFile(archive) as zf:
+        names = zf.namelist()
+        original = pydicom.dcmread(source)
+        study = original.StudyInstanceUID
+        assert {f"{study}/SC_{original.SOPInstanceUID}.dcm", f"{study}/KO_flagged.dcm"} <= set(names)
+        zf.extract(f"{study}/SC_{original.SOPInstanceUID}.dcm", tmp_path / "x")
+    capture = pydicom.dcmread(tmp_path / "x" / study / f"SC_{original.SOPInstanceUID}.dcm")
+    assert capture.SourceImageSequence[0].ReferencedSOPInstanceUID == original.SOPInstanceUID
+    assert "NOT FOR DIAGNOSTIC USE" in capture.SeriesDescription
+    # images reviewed as normal leave the export: with every DICOM image so reviewed, nothing is left
+    for queued in service.store.queue():
+        if Path(queued.image_path).suffix == ".dcm":
+            service.store.record_verdict(queued.id, "normal", "tester")
+    with pytest.raises(ValueError, match="no flagged DICOM images"):
+        service.export_dicom()

@@ -386,3 +386,26 @@ def test_save_curves_single_class_writes_nothing(tmp_path):
     with pytest.warns(UserWarning, match="both normal and anomalous"):
         assert save_curves([0, 0, 0], [0.1, 0.2, 0.3], tmp_path) == {}
     assert not list(tmp_path.iterdir())
+
+
+def test_curves_mark_the_calibrated_operating_point(tmp_path):
+    pytest.importorskip("matplotlib")
+    rng = np.random.default_rng(1)
+    labels = np.r_[np.zeros(60, int), np.ones(40, int)]
+    scores = rng.random(100) + labels
+    plain = save_curves(labels, scores, tmp_path / "plain")
+    marked = save_curves(labels, scores, tmp_path / "marked", threshold=1.2, inclusive=False)
+
+    def crimson_pixels(path) -> int:  # the marker's colour; nothing else in the plot is red
+        bgr = cv2.imread(str(path)).astype(int)
+        return int(((bgr[..., 2] > 180) & (bgr[..., 1] < 60) & (bgr[..., 0] > 30) & (bgr[..., 0] < 90)).sum())
+
+    for kind in ("roc", "pr"):
+        assert crimson_pixels(plain[kind]) == 0 and crimson_pixels(marked[kind]) > 20
+
+
+def test_threshold_rule_inclusive_or_strict():
+    labels, scores = [0, 1, 1], [0.2, 0.5, 0.9]
+    assert image_metrics(labels, scores, threshold=0.5)["tp"] == 2  # score >= threshold
+    strict = image_metrics(labels, scores, threshold=0.5, inclusive=False)  # a detector's score > threshold
+    assert (strict["tp"], strict["fn"], strict["recall"]) == (1, 1, 0.5)

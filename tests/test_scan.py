@@ -156,11 +156,11 @@ def test_cli_bad_files_get_rows_and_exit_zero(model_path, folder, tmp_path, caps
     for r in scored:
         assert r["is_anomaly"] == (r["score"] > r["threshold"])
         assert (r["heatmap"] is not None) == r["is_anomaly"]  # --heatmaps flagged (the default)
-    assert rows[f"defects/{NASTY}"]["heatmap"] == f"heatmaps/defects/{NASTY}.png"
+    assert rows[f"defects/{NASTY}"]["heatmap"] == f"heatmaps/defects/{NASTY[: -len('.png')]}_heatmap.png"
 
     page = (out / "report.html").read_text(encoding="utf-8")
     assert "<b>" not in page and "we&lt;b&gt;rd &amp; &quot;q&quot; #1.png" in page
-    assert 'src="heatmaps/defects/we%3Cb%3Erd%20%26%20%22q%22%20%231.png.png"' in page  # quoted link
+    assert 'src="heatmaps/defects/we%3Cb%3Erd%20%26%20%22q%22%20%231_heatmap.png"' in page  # quoted link
     assert "<svg" in page and 'class="threshold"' in page
     assert "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")
     assert "<script" not in page and "<link" not in page
@@ -193,7 +193,7 @@ def test_rerun_skips_done_files_and_follows_changes(model_path, detector, folder
     assert (back.n_scanned, back.n_removed) == (1, 1)
     rows = {r["path"]: r for r in assert_one_row_per_file(out, folder)}
     assert not rows["good/000.png"]["is_anomaly"]
-    assert not (out / "heatmaps" / "good" / "000.png.png").exists()
+    assert not (out / "heatmaps" / "good" / "000_heatmap.png").exists()
 
 
 def test_torn_last_line_and_stale_csv_are_repaired(model_path, detector, folder, tmp_path):
@@ -334,3 +334,17 @@ def test_report_renders_in_headless_chromium(model_path, detector, folder, tmp_p
     assert captions == [r["path"] for r in sorted(flagged, key=lambda r: -r["score"])]
     assert f"defects/{NASTY}" in captions and injected == 0
     assert svg_bars > 0
+
+
+def test_overlay_names_have_one_suffix_and_never_collide():
+    from imaging_ad.scan.overlay_names import overlay_names
+
+    paths = ["good/000.png", "a.png", "a.jpg", "ct/1.2.840.5", "x", "x.png", "y.PNG", "y.png", "deep/z.tif"]
+    names = overlay_names(paths)
+    assert names["good/000.png"] == "good/000_heatmap.png" and names["a.png"] == "a_heatmap.png"
+    assert names["a.jpg"] == "a.jpg_heatmap.png" and names["ct/1.2.840.5"] == "ct/1.2.840.5_heatmap.png"
+    assert names["deep/z.tif"] == "deep/z.tif_heatmap.png"
+    # "x" and "x.png" (or "y.PNG" and "y.png") would both be "x_heatmap.png": they get their full names
+    assert names["x"] == "x_overlay.png" and names["x.png"] == "x.png_overlay.png"
+    assert len(set(names.values())) == len(paths)
+    assert all(not n.endswith(".png.png") for n in names.values())

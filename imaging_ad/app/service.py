@@ -75,6 +75,17 @@ class BatchResult:
     notes: list[str] = field(default_factory=list)
 
 
+def _free_folder(dest: Path, name: str) -> Path:
+    """``dest``, or the first of ``dest/2``, ``dest/3``, ... where ``name`` is still free: same-named
+    uploads keep their own names instead of becoming ``000_1.png``. (Browsers send file names without
+    their folders; a zip upload keeps its folders.)"""
+    folder, n = dest, 1
+    while (folder / safe_name(name)).exists():
+        n += 1
+        folder = dest / str(n)
+    return folder
+
+
 def _stamp() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
 
@@ -247,7 +258,7 @@ class DemoService:
                 if extracted.skipped:
                     notes.append(f"{path.name}: skipped {len(extracted.skipped)} non-image member(s)")
             else:
-                copy_upload(path, dest, self.config.max_upload_bytes)
+                copy_upload(path, _free_folder(dest, path.name), self.config.max_upload_bytes)
                 n_files += 1
             if n_files > self.config.max_batch_files:
                 raise UnsafeInputError(f"more than {self.config.max_batch_files} files in one batch")
@@ -400,6 +411,62 @@ class DemoService:
     def export_verdicts(self, history: bool = False) -> Path:
         out = self.config.media_dir / "exports" / f"verdicts-{_stamp()}.csv"
         return self.store.export_csv(out, history=history)
+
+    def export_dicom(self, progress: ProgressFn | None = None) -> tuple[Path, list[str]]:
+        """DICOM results (see :mod:`imaging_ad.dicom_results`) for the DICOM images of the queue that are
+        flagged: reviewed as anomalous, or unreviewed and above their model's threshold (an image reviewed
+        as normal or unsure is left out). Each is scored again with its model for the float heatmap.
+        Returns a zip of the objects and notes on what was left out."""
+        from imaging_ad.dicom_results import DicomResultWriter, require_highdicom
+        from imaging_ad.io.reader import is_dicom_bytes
+
+        require_highdicom()
+        notes: list[str] = []
+        chosen: dict[str, list[QueueItem]] = {}
+        for item in self.store.queue():
+            flagged = item.verdict == "anomalous" or (item.verdict is None and item.normalized_score > 0.5)
+            if not flagged or not Path(item.image_path).is_file():
+                continue
+            with open(item.image_path, "rb") as handle:
+                if is_dicom_bytes(handle.read(132)):
+                    chosen.setdefault(item.model_sha, []).append(item)
+        if not chosen:
+            raise ValueError(
+                "no flagged DICOM images in the review queue (flagged: reviewed as anomalous, or unreviewed above the threshold)"
+            )
+        out = self.config.media_dir / "exports" / f"dicom-{_stamp()}"
+        models = {fingerprint(m.path): m for m in self.models()}
+        done = 0
+        total = sum(len(items) for items in chosen.values())
+        writers = []
+        for sha, items in chosen.items():
+            entry = models.get(sha)
+            if entry is None:
+                notes.append(f"{len(items)} image(s) scored by a model that is no longer available: left out")
+                continue
+            detector = self.detector(entry)
+            calibration = detector.calibration_
+            writer = DicomResultWriter(out, model_name=entry.name, model_fingerprint=sha)
+            writers.append(writer)
+            for item in items:
+                record = read_image(item.image_path)
+                result = detector.predict([record])[0]
+                writer.add(
+                    item.image_path,
+                    result.heatmap,
+                    result.score,
+                    calibration.image_threshold,
+                    pixels=record.pixels,
+                    pixel_threshold=calibration.pixel_threshold,
+                )
+                done += 1
+                if progress is not None:
+                    progress(done / total, f"{done}/{total} DICOM images")
+        if not writers:
+            raise ValueError("; ".join(notes))
+        writers[-1].finish()  # the index in `out` holds every model's images: one selection per study
+        archive = shutil.make_archive(str(out), "zip", root_dir=out)
+        return Path(archive), notes
 
     # -- feedback -----------------------------------------------------------------------------------
 

@@ -250,6 +250,14 @@ def _load_from_hub(name: str) -> tuple[nn.Module, WeightSource]:
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     if offline:
         offline_hint = "HF_HUB_OFFLINE is set and the weights are not in the local cache. " + offline_hint
+    elif not _hub_reachable():
+        # Without this, huggingface_hub retries each candidate file with back-off: ~50 s before the
+        # same error. Cache-only mode still finds weights downloaded earlier.
+        offline = True
+        offline_hint = (
+            "The model hub cannot be reached (no network?) and the weights are not in the local cache. "
+            + offline_hint
+        )
     try:
         with _hub_offline(offline):
             model = timm.create_model(name, pretrained=True)
@@ -261,6 +269,47 @@ def _load_from_hub(name: str) -> tuple[nn.Module, WeightSource]:
         model, "pretrained_cfg", {}
     ).get("url")
     return model.eval(), WeightSource("hub", str(hub_id or name))
+
+
+#: seconds to wait for the model hub's name lookup and TCP connection before treating it as offline
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+def _hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to the model hub opens within ``timeout`` seconds (name lookup included).
+
+    The lookup runs in a daemon thread because ``getaddrinfo`` has no timeout of its own. With a proxy
+    configured the hub is reached through it, which this probe cannot judge: then it answers True and
+    leaves the decision to huggingface_hub.
+    """
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    import socket
+    import threading
+    from urllib.parse import urlsplit
+
+    try:
+        from huggingface_hub import constants
+
+        endpoint = urlsplit(constants.ENDPOINT)
+    except (ImportError, AttributeError, ValueError):  # pragma: no cover - timm depends on huggingface_hub
+        return True
+    host, port = endpoint.hostname, endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    if not host:
+        return True
+    reachable: list[bool] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                reachable.append(True)
+        except OSError:
+            reachable.append(False)
+
+    thread = threading.Thread(target=probe, name="hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(reachable and reachable[0])
 
 
 @contextmanager

@@ -22,9 +22,11 @@ from imaging_ad.io.reader import is_dicom_bytes
 NORMAL = 0
 ANOMALOUS = 1
 SPLITS = ("train", "test")
-LAYOUTS = ("mvtec", "split_folders", "class_folders", "folder", "manifest")
+LAYOUTS = ("mvtec", "split_folders", "class_folders", "folder", "manifest", "explicit")
 
 _EXIF_ORIENTATION_TAG = 0x0112
+# Class folder names that read as a negative finding: only used to make an error message's example apt.
+_NEGATIVE_NAMES = frozenset({"no", "n", "negative", "neg", "false", "0", "healthy", "pass"})
 
 
 class DatasetError(ValueError):
@@ -55,15 +57,27 @@ class Dataset:
     samples: list[Sample]
     # Non-fatal findings from discovery (anomalous images without masks, masks matching no image, ...).
     warnings: list[str] = field(default_factory=list)
+    # Class folders whose names say neither normal nor anomalous (``yes``/``no``, ``positive``, patient
+    # folders side by side): folder name -> its images. They are left out of ``samples``, and ``train``
+    # and ``test`` refuse to answer while there are any: learning them as normal could teach a detector
+    # that tumours are normal.
+    unknown_classes: dict[str, list[Path]] = field(default_factory=dict)
 
     @property
     def train(self) -> list[Sample]:
         """Normal training samples: the only images a one-class detector may learn from."""
+        self.check_known_classes()
         return [s for s in self.samples if s.split == "train" and s.label == NORMAL]
 
     @property
     def test(self) -> list[Sample]:
+        self.check_known_classes()
         return [s for s in self.samples if s.split == "test"]
+
+    def check_known_classes(self) -> None:
+        """Raise :class:`DatasetError` listing the class folders of unknown meaning, if there are any."""
+        if self.unknown_classes:
+            raise DatasetError(unknown_classes_message(self.root, self.unknown_classes))
 
     @property
     def name(self) -> str:
@@ -92,6 +106,7 @@ class Dataset:
             "test": splits["test"],
             "masks": n_masks,
             "missing_masks": len(missing),
+            "unknown_classes": {name: len(paths) for name, paths in self.unknown_classes.items()},
             "warnings": list(self.warnings),
         }
 
@@ -109,8 +124,11 @@ class Dataset:
             rows.append(
                 (split, category, "anomalous" if label else "normal", str(len(members)), str(n_masks))
             )
+        for name, paths in self.unknown_classes.items():
+            rows.append(("?", name, "unknown", str(len(paths)), "0"))
         n_masks = sum(s.mask_path is not None for s in self.samples)
-        rows.append(("total", "", "", str(len(self.samples)), str(n_masks)))
+        n_images = len(self.samples) + sum(len(paths) for paths in self.unknown_classes.values())
+        rows.append(("total", "", "", str(n_images), str(n_masks)))
         widths = [max(len(row[i]) for row in rows) for i in range(5)]
         lines = [f"{self.name}: {self.layout} layout at {self.root}"]
         for i, row in enumerate(rows):
@@ -120,11 +138,36 @@ class Dataset:
             if i == 0 or i == len(rows) - 2:
                 lines.append("-" * (sum(widths) + 2 * 4))
         lines.extend(f"warning: {w}" for w in self.warnings)
+        if self.unknown_classes:
+            lines.append(f"error: {unknown_classes_message(self.root, self.unknown_classes)}")
         return "\n".join(lines)
 
     def load_mask(self, sample: Sample, shape: Sequence[int] | None = None) -> np.ndarray:
         """Boolean (height, width) mask for ``sample``; see :func:`load_mask`."""
         return load_mask(sample, shape)
+
+
+def unknown_classes_message(root: Path, unknown: dict[str, list[Path]], *, max_listed: int = 8) -> str:
+    """Why a folder of unnamed classes cannot be used, what was found, and how to say which is which."""
+    listed = [f"{name}/ ({len(paths)} images)" for name, paths in list(unknown.items())[:max_listed]]
+    if len(unknown) > max_listed:
+        listed.append(f"... and {len(unknown) - max_listed} more")
+    # Only a name that reads as "negative finding" is offered as the normal folder of the example.
+    names = [name for name in unknown if not name.startswith("(")]
+    negative = [name for name in names if name.strip().lower() in _NEGATIVE_NAMES]
+    if len(negative) == 1 and len(names) > 1:
+        example_normal, example_abnormal = negative[0], next(n for n in names if n != negative[0])
+    else:
+        example_normal, example_abnormal = "NORMAL_DIR", "ABNORMAL_DIR"
+    return (
+        f"{root}: found class folders whose names do not say whether they are normal: {', '.join(listed)}. "
+        "Only folders named good, normal or ok are taken as normal, and nothing is guessed, because "
+        "learning anomalous images as normal would teach the detector that they are normal. Say which is "
+        f"which with explicit folders (relative to {root.name}/ or absolute), e.g. "
+        f"--normal-dir {example_normal} --abnormal-dir {example_abnormal} "
+        "(repeat --abnormal-dir for more, optionally named: --abnormal-dir NAME=DIR; masks: --mask-dir DIR); "
+        "if every image here is normal, --normal-dir ."
+    )
 
 
 def load_mask(sample: Sample, shape: Sequence[int] | None = None) -> np.ndarray:

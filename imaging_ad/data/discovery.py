@@ -26,6 +26,11 @@ from imaging_ad.data.manifest import read_manifest
 from imaging_ad.io.reader import is_supported_path
 
 NORMAL_NAMES = frozenset({"good", "normal", "ok"})
+# Class folder names that are labels of a yes/no question, not a finding type: "no" beside "yes" may
+# well be the normal class. Discovery never guesses them (not even as anomalous beside a "good" folder).
+LABEL_LIKE_NAMES = frozenset(
+    {"yes", "no", "y", "n", "true", "false", "positive", "negative", "pos", "neg", "0", "1"}
+)
 # Folders holding masks, not images to score; skipped wherever they appear during discovery.
 MASK_DIR_NAMES = ("ground_truth", "groundtruth", "ground-truth", "gt", "masks", "mask")
 _SKIP_DIR_NAMES = frozenset(MASK_DIR_NAMES) | {"__macosx"}
@@ -87,13 +92,44 @@ def discover_dataset(path: str | os.PathLike, *, test_fraction: float = 0.2) -> 
     images = collect_images(root)
     if not images:
         raise DatasetError(f"{root}: no images found; {ACCEPTED_LAYOUTS}")
+    unknown = _unnamed_classes(root, subdirs)
+    if unknown:
+        return Dataset(root=root, layout="folder", samples=[], unknown_classes=unknown)
     samples = [Sample(p, NORMAL, "train", "normal") for p in images]
     return Dataset(root=root, layout="folder", samples=samples)
+
+
+def _unnamed_classes(root: Path, subdirs: dict[str, Path]) -> dict[str, list[Path]]:
+    """Subfolders of a folder without normal-named ones that look like classes: two or more folders of
+    images side by side (``yes/`` and ``no/``, ``tumour/`` and ``healthy/``), or one with a label-like
+    name. Empty when the folder reads as plain normal images (loose files, at most one subfolder)."""
+    classes = {
+        name: images
+        for name, folder in subdirs.items()
+        if not _skip_dir(name) and (images := collect_images(folder))
+    }
+    if len(classes) < 2 and not any(_is_label_like(name) for name in classes):
+        return {}
+    loose = [p for p in sorted(root.iterdir()) if p.is_file() and _is_image_name(p.name)]
+    return classes | ({"(top level)": loose} if loose else {})
 
 
 def is_normal_name(name: str) -> bool:
     """True for class folder names that mean "normal": good, normal, ok (any case)."""
     return name.strip().lower() in NORMAL_NAMES
+
+
+def _is_label_like(name: str) -> bool:
+    return name.strip().lower() in LABEL_LIKE_NAMES
+
+
+def _label_like(folder: Path) -> dict[str, list[Path]]:
+    """Subfolders of ``folder`` with a label-like name (yes, no, positive, ...) and their images."""
+    return {
+        name: images
+        for name, sub in _subdirs(folder).items()
+        if _is_label_like(name) and (images := collect_images(sub))
+    }
 
 
 def collect_images(folder: Path) -> list[Path]:
@@ -120,18 +156,22 @@ def _discover_split(
     root: Path, train_dir: Path | None, test_dir: Path | None, mask_root: Path | None
 ) -> Dataset:
     warnings: list[str] = []
+    unknown: dict[str, list[Path]] = {}
+    for split_dir in (train_dir, test_dir):
+        if split_dir is not None:
+            unknown |= {f"{split_dir.name}/{name}": images for name, images in _label_like(split_dir).items()}
     samples = _train_samples(train_dir, warnings) if train_dir is not None else []
     if test_dir is not None:
         test_subdirs = _subdirs(test_dir)
         _warn_loose_images(test_dir, warnings)
         for name, folder in test_subdirs.items():
-            if not _skip_dir(name):
+            if not _skip_dir(name) and not _is_label_like(name):
                 label = NORMAL if is_normal_name(name) else ANOMALOUS
                 samples += [Sample(p, label, "test", name) for p in collect_images(folder)]
     if mask_root is not None:
         samples = _attach_masks(samples, test_dir or root, mask_root, warnings)
     layout = "mvtec" if mask_root is not None else "split_folders"
-    return _finish(root, layout, samples, warnings)
+    return _finish(root, layout, samples, warnings, unknown)
 
 
 def _discover_class_folders(
@@ -139,10 +179,11 @@ def _discover_class_folders(
 ) -> Dataset:
     warnings: list[str] = []
     _warn_loose_images(root, warnings)
+    unknown = _label_like(root)
     normals: list[Sample] = []
     anomalies: list[Sample] = []
     for name, folder in subdirs.items():
-        if _skip_dir(name):
+        if _skip_dir(name) or name in unknown:
             continue
         if is_normal_name(name):
             normals += [Sample(p, NORMAL, "train", name) for p in collect_images(folder)]
@@ -152,14 +193,16 @@ def _discover_class_folders(
     samples = train + test_normals + anomalies
     if mask_root is not None:
         samples = _attach_masks(samples, root, mask_root, warnings)
-    return _finish(root, "class_folders", samples, warnings)
+    return _finish(root, "class_folders", samples, warnings, unknown)
 
 
 def _train_samples(train_dir: Path, warnings: list[str]) -> list[Sample]:
     """Training images: normal-named class folders, plus loose files (training is normal-only)."""
     loose = [p for p in sorted(train_dir.iterdir()) if p.is_file() and _is_image_name(p.name)]
     samples = [Sample(p, NORMAL, "train", "normal") for p in loose]
-    classes = {name: d for name, d in _subdirs(train_dir).items() if not _skip_dir(name)}
+    classes = {
+        name: d for name, d in _subdirs(train_dir).items() if not _skip_dir(name) and not _is_label_like(name)
+    }
     normal = {name: d for name, d in classes.items() if is_normal_name(name)}
     for name, folder in classes.items():
         images = collect_images(folder)
@@ -236,13 +279,23 @@ def _mask_keys(sample: Sample, image_root: Path) -> Iterable[tuple[str, str]]:
     return keys
 
 
-def _finish(root: Path, layout: str, samples: list[Sample], warnings: list[str]) -> Dataset:
-    if not samples:
+def _finish(
+    root: Path,
+    layout: str,
+    samples: list[Sample],
+    warnings: list[str],
+    unknown: dict[str, list[Path]] | None = None,
+) -> Dataset:
+    if not samples and not unknown:
         raise DatasetError(f"{root}: no images found in its class folders; {ACCEPTED_LAYOUTS}")
     check_mask_sizes(samples)
     # Deterministic order whatever the discovery path: train, then test; normals first; by class folder.
     samples = sorted(samples, key=lambda s: (s.split != "train", s.label, s.category, s.path.parts))
-    dataset = Dataset(root=root, layout=layout, samples=samples, warnings=warnings)
+    dataset = Dataset(
+        root=root, layout=layout, samples=samples, warnings=warnings, unknown_classes=unknown or {}
+    )
+    if unknown:  # the dataset is unusable as it is; its error says why, warnings would only distract
+        return dataset
     if not dataset.train:
         warnings.append("no normal training images")
     test_labels = {s.label for s in dataset.test}

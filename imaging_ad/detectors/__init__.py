@@ -13,10 +13,10 @@ from imaging_ad.detectors.persistence import ModelFileError, read_description
 from imaging_ad.detectors.registry import (
     DETECTORS,
     create_detector,
-    detector_class,
     list_detectors,
     load_detector,
     register_detector,
+    resolve_detector_name,
 )
 from imaging_ad.result import AnomalyResult
 
@@ -32,9 +32,9 @@ __all__ = [
     "ModelFileError",
     "ParameterError",
     "create_detector",
-    "detector_class",
     "list_detectors",
     "load_detector",
     "read_description",
     "register_detector",
+    "resolve_detector_name",
 ]

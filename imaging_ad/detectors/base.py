@@ -343,7 +343,9 @@ class Detector(ABC):
             depth=2 * self.batch_size,
             transform=transform,
         )
-        with tqdm(total=len(images), desc=desc, unit="img", disable=not self.progress, leave=False) as bar:
+        # one batch or less: the bar would jump from 0 to done and only clutter e.g. a one-image calibration
+        quiet = not self.progress or len(images) <= self.batch_size
+        with tqdm(total=len(images), desc=desc, unit="img", disable=quiet, leave=False) as bar:
             for batch in batches(loaded, self.batch_size):
                 for entry in batch:
                     if not entry.ok:

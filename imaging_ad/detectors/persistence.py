@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 from datetime import datetime, timezone
 from pathlib import Path
@@ -79,6 +80,7 @@ def software_versions() -> dict[str, str]:
 
 def read_description(path: Path) -> dict:
     """The JSON description of a model file, without loading (or verifying) its tensors."""
+    _check_safetensors_header(Path(path))
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
@@ -102,6 +104,52 @@ def read_description(path: Path) -> dict:
             f"({description.get('versions', {}).get('imaging_ad', 'unknown')})"
         )
     return description
+
+
+def _check_safetensors_header(path: Path) -> None:
+    """Refuse a file that is not safetensors at all (an image, an ONNX file, a pickle) by its first bytes,
+    naming it as such: safetensors itself would report e.g. "header too large" for a PNG."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(9)
+            size = os.fstat(handle.fileno()).st_size
+    except FileNotFoundError as exc:
+        raise ModelFileError(f"{path}: model file does not exist") from exc
+    except IsADirectoryError as exc:
+        raise ModelFileError(f"{path}: is a folder, not an imaging_ad model file (.safetensors)") from exc
+    except OSError as exc:
+        raise ModelFileError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
+    # safetensors: an 8-byte little-endian header length, then that many bytes of JSON
+    header_length = int.from_bytes(head[:8], "little") if len(head) >= 8 else -1
+    if head[8:9] == b"{" and header_length > size - 8:
+        raise ModelFileError(
+            f"{path}: truncated model file: its header needs {header_length + 8} bytes, the file has {size}"
+        )
+    if head[8:9] != b"{":
+        kind = _file_kind(head)
+        raise ModelFileError(
+            f"{path}: not an imaging_ad model file{f' (it looks like {kind})' if kind else ''}; a model "
+            "file is the .safetensors that `imaging-ad fit` writes (exported models: .onnx or .pt with "
+            "their .json sidecar)"
+        )
+
+
+def _file_kind(head: bytes) -> str | None:
+    signatures = {
+        b"\x89PNG": "a PNG image",
+        b"\xff\xd8\xff": "a JPEG image",
+        b"PK\x03\x04": "a zip archive (a torch .pt/.pth file is one)",
+        b"\x80": "a Python pickle",
+        b"II*\x00": "a TIFF image",
+        b"MM\x00*": "a TIFF image",
+        b"BM": "a BMP image",
+    }
+    for magic, kind in signatures.items():
+        if head.startswith(magic):
+            return kind
+    if not head:
+        return "an empty file"
+    return None
 
 
 def read_model(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:

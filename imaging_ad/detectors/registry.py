@@ -30,22 +30,29 @@ def register_detector(name: str) -> Callable[[T], T]:
     return decorate
 
 
-def detector_class(name: str) -> type[Detector]:
-    """The registered class called ``name``, case and separators forgiven (``PatchCore``, ``feature-ae``)."""
-    key = name.strip().lower().replace("-", "_")
-    if key in DETECTORS:
-        return DETECTORS[key]
-    squashed = {k.replace("_", ""): k for k in DETECTORS}
-    if key.replace("_", "") in squashed:
-        return DETECTORS[squashed[key.replace("_", "")]]
-    close = difflib.get_close_matches(key, list(DETECTORS), n=1, cutoff=0.6)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
+def resolve_detector_name(name: str) -> str:
+    """The registered name for ``name`` in any case and spelling: ``PatchCore``, ``Patchcore`` (anomalib's
+    class name), ``PADIM``, ``feature-ae`` all resolve; case, ``-``, ``_`` and spaces do not count."""
+    if name in DETECTORS:
+        return name
+    wanted = _spelling_key(name)
+    for registered in DETECTORS:
+        if _spelling_key(registered) == wanted:
+            return registered
+    close = difflib.get_close_matches(wanted, [_spelling_key(n) for n in DETECTORS], n=3, cutoff=0.6)
+    suggestions = [n for n in sorted(DETECTORS) if _spelling_key(n) in close]
+    hint = f"; did you mean {' or '.join(suggestions)}?" if suggestions else ""
     raise ValueError(f"unknown detector {name!r}{hint} (registered: {', '.join(sorted(DETECTORS))})")
 
 
+def _spelling_key(name: str) -> str:
+    return "".join(ch for ch in str(name).lower() if ch.isalnum())
+
+
 def create_detector(name: str, **params) -> Detector:
-    """A registered detector by name with hyperparameters, checked before anything is built."""
-    cls = detector_class(name)
+    """A registered detector by name (see :func:`resolve_detector_name`) with hyperparameters, checked
+    before anything is built."""
+    cls = DETECTORS[resolve_detector_name(name)]
     validate_params(cls, params)
     return cls(**params)
 

@@ -15,7 +15,7 @@ from numpy.typing import ArrayLike
 
 
 def image_metrics(
-    labels: ArrayLike, scores: ArrayLike, threshold: float | None = None
+    labels: ArrayLike, scores: ArrayLike, threshold: float | None = None, *, inclusive: bool = True
 ) -> dict[str, float | int | None]:
     """Ranking metrics for per-image anomaly scores, plus operating-point metrics if ``threshold`` is set.
 
@@ -28,7 +28,8 @@ def image_metrics(
     ``false_positive_rate`` and the counts ``tp``, ``fp``, ``tn``, ``fn`` at ``score >= threshold``;
     each rate is ``None`` when its denominator is zero (e.g. ``recall`` on a normal-only set), while
     the rates that are defined are still reported (the false-positive rate of a normal-only set is
-    exactly what one wants to know).
+    exactly what one wants to know). ``inclusive=False`` calls ``score > threshold`` anomalous instead,
+    the rule a fitted detector's verdicts follow.
     """
     y, s = _validate(labels, scores)
     num_anomalous = int(y.sum())
@@ -51,18 +52,19 @@ def image_metrics(
             f1_max_threshold=f1_threshold,
         )
     if threshold is not None:
-        result.update(threshold_metrics(y, s, threshold))
+        result.update(threshold_metrics(y, s, threshold, inclusive=inclusive))
     return result
 
 
 def threshold_metrics(
-    labels: ArrayLike, scores: ArrayLike, threshold: float
+    labels: ArrayLike, scores: ArrayLike, threshold: float, *, inclusive: bool = True
 ) -> dict[str, float | int | None]:
-    """Confusion counts and rates when images with ``score >= threshold`` are called anomalous."""
+    """Confusion counts and rates when images with ``score >= threshold`` (``inclusive=False``:
+    ``score > threshold``) are called anomalous."""
     y, s = _validate(labels, scores)
     if not np.isfinite(threshold):
         raise ValueError(f"threshold must be finite, got {threshold!r}")
-    predicted = s >= threshold
+    predicted = s >= threshold if inclusive else s > threshold
     tp = int(np.count_nonzero(predicted & y))
     fp = int(np.count_nonzero(predicted & ~y))
     fn = int(np.count_nonzero(~predicted & y))

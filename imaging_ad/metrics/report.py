@@ -20,6 +20,7 @@ def evaluation_report(
     heatmaps: Sequence[ArrayLike] | None = None,
     categories: Sequence[str] | None = None,
     threshold: float | None = None,
+    inclusive: bool = True,
     fpr_limit: float = 0.3,
     num_bins: int = DEFAULT_NUM_BINS,
 ) -> dict[str, Any]:
@@ -27,7 +28,8 @@ def evaluation_report(
 
     Keys: everything from :func:`~imaging_ad.metrics.image.image_metrics` (``image_auroc``,
     ``average_precision``, ``f1_max``, ``f1_max_threshold``, counts, and the operating-point metrics
-    when ``threshold`` is given), plus ``pixel_auroc``, ``aupro``, ``aupro_fpr_limit``,
+    when ``threshold`` is given, counted with ``score >= threshold`` or, with ``inclusive=False``,
+    ``score > threshold``), plus ``pixel_auroc``, ``aupro``, ``aupro_fpr_limit``,
     ``num_pixel_images`` and ``per_category`` (``None`` without ``categories``).
 
     Pixel metrics need ``heatmaps`` and ``masks`` (aligned with ``labels``). A ``None`` mask means
@@ -37,7 +39,7 @@ def evaluation_report(
     ``num_pixel_images`` says how many images the pixel metrics cover. Without masks the pixel
     metrics are ``None``.
     """
-    report: dict[str, Any] = dict(image_metrics(labels, scores, threshold=threshold))
+    report: dict[str, Any] = dict(image_metrics(labels, scores, threshold=threshold, inclusive=inclusive))
     report.update(pixel_auroc=None, aupro=None, aupro_fpr_limit=float(fpr_limit), num_pixel_images=0)
 
     if masks is not None:

@@ -79,6 +79,9 @@ class ScanSummary:
     results_csv: Path
     report: Path
     warnings: list[str] = field(default_factory=list)
+    dicom_out: Path | None = None  # where DICOM results went (scan(dicom_out=...))
+    n_dicom_objects: int = 0  # Secondary Captures, Parametric Maps and Key Object Selections written
+    n_dicom_failed: int = 0  # flagged DICOM images whose results could not be written (see the log)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
@@ -102,6 +105,11 @@ class ScanSummary:
         )
         if self.n_removed:
             parts.append(f"{self.n_removed} row(s) of files no longer present were removed")
+        if self.dicom_out is not None:
+            parts.append(
+                f"{self.n_dicom_objects} DICOM result object(s) written to {self.dicom_out}"
+                + (f", {self.n_dicom_failed} flagged DICOM image(s) failed" if self.n_dicom_failed else "")
+            )
         return (
             "; ".join(parts)
             + f". Results: {self.results_csv} and {self.results_jsonl}; report: {self.report}"
@@ -119,6 +127,7 @@ class _Item:
     size: int
     mtime_ns: int
     problem: str | None = None  # known before reading: not a regular file, cannot be stat'ed
+    overlay: str = ""  # overlay file name relative to the heatmap folder (see overlay_names)
 
 
 def scan(
@@ -135,6 +144,7 @@ def scan(
     progress_bar: bool = False,
     detector: Detector | None = None,
     gallery_limit: int = 500,
+    dicom_out: str | os.PathLike | None = None,
 ) -> ScanSummary:
     """Score every image under ``input_dir`` with the model file ``model``; results go to ``out_dir``.
 
@@ -150,7 +160,9 @@ def scan(
     :class:`ScanProgress` (an exception raised there stops the scan, keeping the finished batches,
     which is how a caller cancels); ``progress_bar`` shows a tqdm bar on stderr. ``detector`` may pass the
     model already loaded from ``model`` (e.g. by a long-running demo); the file still provides the
-    fingerprint. Unreadable files become rows with an error; exceptions mean the scan could not run.
+    fingerprint. ``dicom_out`` writes DICOM results for the flagged DICOM inputs there (see
+    :mod:`imaging_ad.dicom_results`; needs the ``[dicom]`` extra). Unreadable files become rows with an
+    error; exceptions mean the scan could not run, as does a folder without any image file.
     """
     from imaging_ad.detectors import load_detector, read_description
 
@@ -170,6 +182,16 @@ def scan(
     root, out = root.resolve(), out.resolve()
     if out == root or out in root.parents:
         raise ScanError(f"the output folder {out} must not contain the input folder {root}")
+    if dicom_out is not None:
+        from imaging_ad.dicom_results import require_highdicom
+
+        require_highdicom()  # before any work: a missing extra is a setup error, not a late surprise
+        dicom_dir = Path(dicom_out).expanduser().resolve()
+        if dicom_dir == root or root in dicom_dir.parents:
+            raise ScanError(
+                f"the DICOM output folder {dicom_dir} must not be inside the input folder {root}: "
+                "its files would be scanned as inputs next time"
+            )
 
     description = read_description(model_path)  # cheap: the header only, before the slow load
     fingerprint = description["sha256"]
@@ -186,17 +208,32 @@ def scan(
     batch_size = int(batch_size or detector.batch_size)
     workers = int(workers or min(4, os.cpu_count() or 1))
 
+    relpaths = [path.relative_to(root).as_posix() for path in discover(root, out)]
+    if not relpaths:  # before the output folder is touched: an empty scan writes nothing
+        raise ScanError(_no_images_message(root))
     settings = ScanSettings(fingerprint, str(root), threshold, heatmaps)
     store = ResultStore(out, settings)
     try:
         store.open()
-        todo, present, n_skipped = _plan(root, out, store)
+        todo, present, n_skipped = _plan(root, relpaths, store)
+        dicom_writer = _dicom_writer(dicom_out, model_path, fingerprint)
         runner = _Runner(
-            detector, store, root, threshold, heatmaps, batch_size, workers, progress, progress_bar
+            detector,
+            store,
+            root,
+            threshold,
+            heatmaps,
+            batch_size,
+            workers,
+            progress,
+            progress_bar,
+            dicom_writer,
         )
         start = time.perf_counter()
         runner.run(todo, n_skipped)
         seconds = time.perf_counter() - start
+        if dicom_writer is not None:
+            dicom_writer.finish()  # one key object selection per study
         n_removed = store.finalize(present)
         if n_removed:
             log.info("%d row(s) of files no longer in %s were removed", n_removed, root)
@@ -236,6 +273,30 @@ def scan(
         results_csv=store.csv_path,
         report=report_path,
         warnings=list(store.warnings),
+        dicom_out=dicom_writer.out_dir if dicom_writer is not None else None,
+        n_dicom_objects=dicom_writer.n_written if dicom_writer is not None else 0,
+        n_dicom_failed=runner.n_dicom_failed,
+    )
+
+
+def _no_images_message(root: Path) -> str:
+    from imaging_ad.io.reader import DICOM_SUFFIXES, RASTER_SUFFIXES
+
+    return (
+        f"no image files found in {root} (searched recursively for {', '.join(RASTER_SUFFIXES + DICOM_SUFFIXES)} "
+        "and DICOM files without a suffix; hidden files and mask folders are skipped)"
+    )
+
+
+def _dicom_writer(
+    dicom_out: str | os.PathLike | None, model_path: Path, fingerprint: str
+):  # -> writer | None
+    if dicom_out is None:
+        return None
+    from imaging_ad.dicom_results import DicomResultWriter
+
+    return DicomResultWriter(
+        Path(dicom_out).expanduser().resolve(), model_name=model_path.stem, model_fingerprint=fingerprint
     )
 
 
@@ -255,13 +316,16 @@ def discover(root: Path, out_dir: Path | None = None) -> list[Path]:
     return found
 
 
-def _plan(root: Path, out: Path, store: ResultStore) -> tuple[list[_Item], set[str], int]:
+def _plan(root: Path, relpaths: list[str], store: ResultStore) -> tuple[list[_Item], set[str], int]:
     """(files to scan, relative paths of every file present, number skipped as already done)."""
+    from imaging_ad.scan.overlay_names import overlay_names
+
     todo: list[_Item] = []
     present: set[str] = set()
     skipped = 0
-    for path in discover(root, out):
-        relpath = path.relative_to(root).as_posix()
+    overlays = overlay_names(relpaths)
+    for relpath in relpaths:
+        path = root / relpath
         present.add(relpath)
         problem = None
         try:
@@ -274,7 +338,7 @@ def _plan(root: Path, out: Path, store: ResultStore) -> tuple[list[_Item], set[s
         if store.is_done(relpath, size, mtime_ns):
             skipped += 1
         else:
-            todo.append(_Item(relpath, size, mtime_ns, problem))
+            todo.append(_Item(relpath, size, mtime_ns, problem, overlays[relpath]))
     return todo, present, skipped
 
 
@@ -292,10 +356,12 @@ class _Runner:
     workers: int
     progress: Callable[[ScanProgress], None] | None
     progress_bar: bool
+    dicom: Any = None  # a DicomResultWriter when the scan writes DICOM results
     n_done: int = 0
     n_flagged: int = 0
     n_errors: int = 0
     n_overlays: int = 0
+    n_dicom_failed: int = 0
 
     def run(self, todo: list[_Item], n_skipped: int) -> None:
         from tqdm.auto import tqdm
@@ -341,7 +407,7 @@ class _Runner:
                 [self.root / item.relpath for item in readable],
                 batch_size=self.batch_size,
                 workers=self.workers,
-                keep_records=self.heatmaps != "none",
+                keep_records=self.heatmaps != "none" or self.dicom is not None,
                 threshold=self.threshold,
             )
             for batch in outcomes:
@@ -375,6 +441,9 @@ class _Runner:
             heatmap_rel = None
             if self.heatmaps == "all" or (result.is_anomaly and self.heatmaps == "flagged"):
                 heatmap_rel = self._write_overlay(item, outcome)
+            is_dicom = isinstance(outcome.record, ImageRecord) and outcome.record.meta.format == "DICOM"
+            if result.is_anomaly and is_dicom and self.dicom is not None:
+                self._write_dicom(item, outcome)
             outcome.record = None
             height, width = outcome.size
             written.append(
@@ -401,8 +470,8 @@ class _Runner:
     def _write_overlay(self, item: _Item, outcome: Outcome) -> str | None:
         from imaging_ad.visualize import overlay, save_png
 
-        # mirrors the input tree and keeps the original suffix, so names never collide
-        rel = f"{HEATMAP_DIR}/{item.relpath}.png"
+        # mirrors the input tree; names are distinct per input (see overlay_names)
+        rel = f"{HEATMAP_DIR}/{item.overlay}"
         path = self.store.out_dir / rel
         pixels = outcome.record.pixels if isinstance(outcome.record, ImageRecord) else outcome.record
         try:
@@ -414,3 +483,23 @@ class _Runner:
         save_png(path, image)
         self.n_overlays += 1
         return rel
+
+    def _write_dicom(self, item: _Item, outcome: Outcome) -> None:
+        """DICOM results of one flagged DICOM image; a failure is logged and counted, the scan goes on."""
+        from pydicom.errors import InvalidDicomError
+
+        from imaging_ad.dicom_results import DicomResultsError
+
+        try:
+            self.dicom.add(
+                self.root / item.relpath,
+                outcome.result.heatmap,
+                outcome.result.score,
+                self.threshold,
+                pixels=outcome.record.pixels,
+                pixel_threshold=self.detector.calibration_.pixel_threshold,
+            )
+        # a disk that is full or read-only (OSError) stops the scan, as it does for overlays
+        except (DicomResultsError, InvalidDicomError, ValueError, TypeError, AttributeError, KeyError) as exc:
+            self.n_dicom_failed += 1
+            log.warning("%s: no DICOM results (%s: %s)", item.relpath, type(exc).__name__, exc)

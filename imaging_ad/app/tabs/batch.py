@@ -41,7 +41,8 @@ def build(shared: Shared) -> None:
     with gr.Row():
         with gr.Column(scale=1):
             files = gr.File(
-                label="Images or zip archives of images",
+                # browsers send file names without their folders; a zip keeps them
+                label="Images or zip archives of images (a zip keeps its folders)",
                 file_count="multiple",
                 file_types=list(UPLOAD_SUFFIXES),
                 type="filepath",

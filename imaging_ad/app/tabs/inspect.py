@@ -44,7 +44,7 @@ def verdict_markdown(result: InspectResult | None, normalized_threshold: float) 
     word = "ANOMALOUS" if anomalous else "NORMAL"
     return (
         f"### Verdict: **{word}**\n\n"
-        f"| | |\n|---|---|\n"
+        f"| measure | value |\n|---|---|\n"
         f"| score | <span id='inspect-score'>{result.score:.4f}</span> |\n"
         f"| normalised score | {result.normalized_score:.3f} |\n"
         f"| threshold | {normalized_threshold:.2f} normalised = {raw:.4f} raw "

@@ -9,7 +9,7 @@ from typing import Any
 import gradio as gr
 
 from imaging_ad.app.review_store import QueueItem
-from imaging_ad.app.tabs.common import Shared
+from imaging_ad.app.tabs.common import USER_ERRORS, Shared, fail
 
 QUEUE_ROWS_SHOWN = 500  # the table shows the head of the queue; export has everything
 QUEUE_HEADERS = ["id", "image", "score", "normalised", "verdict", "reviewer", "model"]
@@ -116,6 +116,15 @@ def build(shared: Shared, app: gr.Blocks, tab: gr.Tab, saved_reviewer: gr.Browse
         export_button = gr.Button("Export verdicts (CSV)", elem_id="review-export")
         export_history = gr.Checkbox(label="every verdict (history), not just the latest", value=False)
     export_file = gr.File(label="Verdicts CSV", interactive=False, elem_id="review-export-file")
+    with gr.Row():
+        dicom_button = gr.Button("Export DICOM results (flagged DICOM images)", elem_id="review-dicom")
+        dicom_file = gr.File(label="DICOM results (zip)", interactive=False, elem_id="review-dicom-file")
+    dicom_md = gr.Markdown(
+        "For flagged DICOM images (reviewed as anomalous, or unreviewed above the threshold): a "
+        "Secondary Capture of the overlay with its colour bar, a Parametric Map of the heatmap and "
+        "one Key Object Selection per study, all referencing the source study, series and image. "
+        "**Not for diagnostic use.**"
+    )
 
     def show(item: QueueItem | None):
         done, total = store.progress()
@@ -171,3 +180,12 @@ def build(shared: Shared, app: gr.Blocks, tab: gr.Tab, saved_reviewer: gr.Browse
 
     queue_table.select(select_row, None, outputs)
     export_button.click(lambda history: str(service.export_verdicts(history)), [export_history], export_file)
+
+    def dicom_export(progress=gr.Progress()):  # noqa: B008  (Gradio injects it)
+        try:
+            archive, notes = service.export_dicom(lambda f, desc: progress(f, desc=desc))
+        except (*USER_ERRORS, RuntimeError) as exc:  # RuntimeError: highdicom not installed
+            raise fail(exc) from exc
+        return str(archive), "\n".join(f"- {n}" for n in notes) or dicom_md.value
+
+    dicom_button.click(dicom_export, None, [dicom_file, dicom_md])
