@@ -601,7 +601,11 @@ def _file_url(path: Path) -> str:
 def _batch_gallery(result: BatchResult, limit: int = 200) -> list[tuple[str, str]]:
     out = []
     for row in result.rows:
-        if row.get("overlay_abs") and Path(row["overlay_abs"]).is_file():
+        if (
+            row.get("overlay_abs")
+            and row.get("normalized_score") is not None
+            and Path(row["overlay_abs"]).is_file()
+        ):
             flag = "FLAGGED " if row.get("is_anomaly") else ""
             out.append((row["overlay_abs"], f"{flag}{row['normalized_score']:.2f} · {row['path']}"))
         if len(out) >= limit:

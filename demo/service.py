@@ -176,6 +176,8 @@ class DemoService:
         start = time.perf_counter()
         record = read_image(stored)
         result = detector.predict([record])[0]
+        if result.error is not None:  # a NaN score or map: a message, never a verdict
+            raise ValueError(f"{name}: {result.error}")
         model_seconds = time.perf_counter() - start
         calibration = detector.calibration_
         display = to_display_rgb(record.pixels)

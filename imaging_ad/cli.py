@@ -5,6 +5,7 @@ imaging-ad fit DATA --detector patchcore --out MODEL
 imaging-ad evaluate MODEL DATA [--json PATH] [--plots DIR]
 imaging-ad predict MODEL IMAGE_OR_DIR... [--heatmaps DIR] [--json PATH]
 imaging-ad export MODEL --format onnx|torchscript --out PATH   one graph + JSON sidecar
+imaging-ad keygen KEYFILE / imaging-ad sign MODEL --key KEYFILE  authenticity (see imaging_ad.trust)
 imaging-ad info IMAGE...                     what the reader sees in a file
 imaging-ad backbones                         backbones available offline
 imaging-ad demo [--host H] [--port P] [--data-dir D] [--allowed-root DIR]   the Gradio web demo
@@ -105,6 +106,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_scan)
 
+    p = sub.add_parser(
+        "sign", help="sign a model file (or an export and its sidecar) with an Ed25519 key: writes MODEL.sig"
+    )
+    p.add_argument("model", help="model file (.safetensors) or exported model (.onnx, .pt/.ts + its .json)")
+    p.add_argument(
+        "--key", required=True, help="Ed25519 private key file (make one with `imaging-ad keygen`)"
+    )
+    p.set_defaults(run=_sign)
+
+    p = sub.add_parser(
+        "keygen", help="make an Ed25519 key pair for `imaging-ad sign`: KEYFILE and KEYFILE.pub"
+    )
+    p.add_argument("keyfile", help="private key to write (kept secret); the public key goes to KEYFILE.pub")
+    p.set_defaults(run=_keygen)
+
     p = sub.add_parser("info", help="show what the reader sees in image files")
     p.add_argument("images", nargs="+")
     p.set_defaults(run=_info)
@@ -177,6 +193,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from imaging_ad.evaluation import evaluate, save_plots
 
     detector = load_detector(Path(args.model), device=args.device)
+    _say_trust(args.model)
     dataset = discover_dataset(args.data)
     evaluation = evaluate(detector, dataset)
     report = evaluation.report
@@ -201,6 +218,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from imaging_ad.export.runtime import is_exported_model, load_exported
     from imaging_ad.io import read_image
+    from imaging_ad.io.names import printable
     from imaging_ad.visualize import overlay, save_png
 
     if is_exported_model(args.model):  # ONNX runs without torch: import no detector code for it
@@ -209,6 +227,7 @@ def _predict(args: argparse.Namespace) -> int:
         from imaging_ad.detectors import load_detector
 
         detector = load_detector(Path(args.model), device=args.device)
+    _say_trust(args.model)
     paths = _expand_inputs(args.inputs)
     if not paths:
         raise ValueError("no image files found in the given inputs")
@@ -223,6 +242,9 @@ def _predict(args: argparse.Namespace) -> int:
                 rows.append({"path": str(path), "error": str(exc)})
         results = detector.predict([record for _, record in readable]) if readable else []
         for (path, record), result in zip(readable, results, strict=True):
+            if result.error is not None:  # a NaN score or map: an error row, never a verdict
+                rows.append({"path": str(path), "error": f"{path}: {result.error}"})
+                continue
             row = {
                 "path": str(path),
                 "score": result.score,
@@ -237,13 +259,13 @@ def _predict(args: argparse.Namespace) -> int:
                 row["heatmap"] = str(save_png(out, overlay(record.pixels, result.heatmap)))
             rows.append(row)
             flag = "ANOMALY" if result.is_anomaly else "normal "
-            print(f"{flag}  {result.normalized_score:.3f}  {result.score:10.4f}  {path}")
+            print(f"{flag}  {result.normalized_score:.3f}  {result.score:10.4f}  {printable(path)}")
     for row in rows:
         if "error" in row:
-            print(f"ERROR    {row['error']}", file=sys.stderr)
+            print(f"ERROR    {printable(row['error'])}", file=sys.stderr)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        Path(args.json).write_text(json.dumps(rows, indent=2, allow_nan=False))  # strict JSON: no NaN
     return 0
 
 
@@ -285,6 +307,32 @@ def _scan(args: argparse.Namespace) -> int:
         print(f"imaging-ad scan: error: {exc}", file=sys.stderr)
         return 1
     print(summary)
+    _say_trust(args.model)
+    return 0
+
+
+def _sign(args: argparse.Namespace) -> int:
+    from imaging_ad.export.sidecar import is_exported_model, sidecar_path
+    from imaging_ad.trust import KEYS_ENV, sign_model
+
+    sidecar = sidecar_path(args.model) if is_exported_model(args.model) else None
+    signature = sign_model(args.model, args.key, sidecar=sidecar)
+    covered = f"{args.model} and its sidecar {sidecar}" if sidecar else args.model
+    print(
+        f"signed {covered}: {signature}. Machines that list the public key in {KEYS_ENV} load the model only "
+        "while it and this signature are unchanged"
+    )
+    return 0
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from imaging_ad.trust import KEYS_ENV, generate_key
+
+    private, public = generate_key(args.keyfile)
+    print(
+        f"wrote the private key {private} (keep it secret; it signs models) and the public key {public} "
+        f"(give it to machines that load models: {KEYS_ENV}={public})"
+    )
     return 0
 
 
@@ -333,6 +381,13 @@ def _demo(args: argparse.Namespace) -> int:
             f"the demo package is not installed ({exc}); install the project with `pip install -e .`"
         ) from exc
     return run(args)
+
+
+def _say_trust(model: str) -> None:
+    """What loading the model established: integrity only, or authenticity (see imaging_ad.trust)."""
+    from imaging_ad.trust import trust_note
+
+    print(f"model {model}: {trust_note()}", file=sys.stderr)
 
 
 def _expand_inputs(inputs: list[str]) -> list[Path]:

@@ -29,7 +29,7 @@ from imaging_ad.backbones import DEFAULT_BACKBONE, FeatureExtractor, create_back
 from imaging_ad.calibration import Calibration, calibrate
 from imaging_ad.detectors.inputs import Augmentation, Batch, ImageInput, PreprocessedImages, collate, prefetch
 from imaging_ad.preprocess import Preprocessor
-from imaging_ad.result import AnomalyResult
+from imaging_ad.result import AnomalyResult, without_non_finite
 
 # Enough normal pixels for a stable 99th percentile without keeping whole heatmaps.
 _PIXELS_PER_CALIBRATION_IMAGE = 4096
@@ -182,7 +182,8 @@ class Detector(ABC):
     # -- predicting -----------------------------------------------------------------------------
 
     def predict(self, images: Sequence[ImageInput] | ImageInput) -> list[AnomalyResult]:
-        """Score images: one :class:`AnomalyResult` each, heatmaps at each image's original size."""
+        """Score images: one :class:`AnomalyResult` each, heatmaps at each image's original size. An image
+        whose score or map is not finite gets a result with ``error`` set and no verdict."""
         self._check_fitted()
         if isinstance(images, (str, os.PathLike, np.ndarray)) or hasattr(images, "meta"):
             images = [images]
@@ -200,7 +201,7 @@ class Detector(ABC):
                         path=path,
                     )
                 )
-        return results
+        return without_non_finite(results)  # a NaN score or map is an error, never a verdict
 
     def score_tensor(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Preprocessed batch ``(B, 3, S, S)`` -> (scores, maps at model-input size, blurred)."""

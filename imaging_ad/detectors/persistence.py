@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -22,6 +24,7 @@ import imaging_ad
 from imaging_ad.calibration import Calibration
 from imaging_ad.detectors.base import Detector, _resolve_device
 from imaging_ad.preprocess import Preprocessor
+from imaging_ad.trust import TrustPolicy, verify_model
 
 FORMAT = "imaging_ad.detector"
 FORMAT_VERSION = 1
@@ -107,10 +110,13 @@ def read_description(path: Path) -> dict:
     return description
 
 
-def load_detector(path: Path, device: str = "auto") -> Detector:
+def load_detector(path: Path, device: str = "auto", trust: TrustPolicy | None = None) -> Detector:
+    """Load a model file. With a trust policy (``trust``, else the environment's, see
+    :mod:`imaging_ad.trust`) the file must be signed by a trusted key or listed as trusted."""
     from imaging_ad.detectors.registry import DETECTORS
 
     path = Path(path)
+    verify_model(path, trust)  # authenticity, when configured; the checksum below is integrity only
     description = read_description(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -122,21 +128,44 @@ def load_detector(path: Path, device: str = "auto") -> Detector:
     expected = description.pop("sha256", None)
     if expected is None or _digest(description, tensors) != expected:
         raise ModelFileError(
-            f"{path}: checksum mismatch: the file was modified or damaged after it was saved"
+            f"{path}: checksum mismatch: the file was modified or damaged after it was saved "
+            "(this checksum detects damage, not forgery; see `imaging-ad sign` for authenticity)"
         )
 
-    name = description["detector"]
+    name = description.get("detector")
     if name not in DETECTORS:
         raise ModelFileError(f"{path}: detector {name!r} is not available (registered: {sorted(DETECTORS)})")
-    params = dict(description["params"])
-    params["device"] = device
-    detector = DETECTORS[name](**params)
+    with _describes_its_tensors(path, name):
+        params = dict(description["params"])
+        params["device"] = device
+        detector = DETECTORS[name](**params)
     _restore_backbone(detector, description, path)
-    detector.preprocessor_ = Preprocessor.from_dict(description["preprocessing"])
-    detector.calibration_ = Calibration.from_dict(description["calibration"])
-    state = {k[len(_STATE_PREFIX) :]: v for k, v in tensors.items() if k.startswith(_STATE_PREFIX)}
-    detector._set_state(state)
+    with _describes_its_tensors(path, name):
+        detector.preprocessor_ = Preprocessor.from_dict(description["preprocessing"])
+        detector.calibration_ = Calibration.from_dict(description["calibration"])
+        state = {k[len(_STATE_PREFIX) :]: v for k, v in tensors.items() if k.startswith(_STATE_PREFIX)}
+        detector._set_state(state)
+        # one tiny forward pass: tensors of the wrong shape fail here, with this message, not mid-scan
+        detector.score_tensor(
+            torch.zeros(1, 3, detector.preprocessor_.image_size, detector.preprocessor_.image_size)
+        )
     return detector
+
+
+@contextmanager
+def _describes_its_tensors(path: Path, detector: str) -> Iterator[None]:
+    """A description that does not fit its tensors (a PaDiM file relabelled PatchCore, a tensor missing,
+    a misshapen one): a :class:`ModelFileError` that says so instead of a traceback."""
+    try:
+        yield
+    except ModelFileError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as exc:
+        what = f"missing entry {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+        raise ModelFileError(
+            f"{path}: the model's description does not match its content for detector {detector!r} ({what}); "
+            "the file was edited or assembled from different models. Use the file as it was saved, or refit"
+        ) from exc
 
 
 def _restore_backbone(detector: Detector, description: dict, path: Path) -> None:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from imaging_ad.io import ImageReadError, read_image
+from imaging_ad.result import NON_FINITE_CODE, non_finite_errors
 from imaging_ad.scan.store import HEATMAP_DIR, INVALIDATED_DIR, ResultStore, ScanSettings
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -454,7 +455,13 @@ class _Runner:
         rows = []
         if ok:
             normalized = self.calibration.normalize(scores)
+            non_finite = non_finite_errors(scores, maps)  # a NaN score or map: an error row, no verdict
             for i, entry in enumerate(ok):
+                if non_finite[i] is not None:
+                    rows.append(
+                        self._row(entry.item) | {"error": non_finite[i], "error_code": NON_FINITE_CODE}
+                    )
+                    continue
                 score = float(scores[i])
                 flagged = bool(score > self.threshold)
                 heatmap_rel = None
