@@ -156,6 +156,7 @@ def extend_patchcore_bank(
     rows_per_image: int | None = None,
     device: str = "cpu",
     progress: Callable[[int, int], None] | None = None,
+    trust=None,  # imaging_ad.trust.TrustPolicy the source model must satisfy (default: the environment's)
 ) -> BankExtension:
     """A new PatchCore model file: the model at ``model_path`` with patches of ``images`` (reviewed as
     normal) added to its memory bank, so that they and images like them score lower.
@@ -174,7 +175,7 @@ def extend_patchcore_bank(
     images = list(images)
     if not images:
         raise ValueError("no images reviewed as normal to add")
-    detector = load_detector(Path(model_path), device=device)
+    detector = load_detector(Path(model_path), device=device, trust=trust)
     if detector.name != "patchcore":
         raise ValueError(f"only PatchCore models have a memory bank to extend; this one is {detector.name}")
     detector.progress = False

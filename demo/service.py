@@ -138,7 +138,45 @@ class DemoService:
         return models[0]
 
     def detector(self, entry: ModelEntry):  # -> Detector (imported lazily)
-        return self.cache.get(entry)
+        return self.cache.get(entry, trust=self.trust_policy())
+
+    # -- trust (see imaging_ad.trust) ------------------------------------------------------------------
+
+    OWN_MODELS = "built-by-this-demo.json"
+
+    def trust_policy(self):  # -> imaging_ad.trust.TrustPolicy
+        """The operator's policy (``IMAGING_AD_TRUST_KEYS`` / ``IMAGING_AD_TRUSTED_HASHES``). When one is
+        configured, the shipped registry's hashes and the models this demo built itself count as trusted
+        lists too; without one, model files are checked for integrity only."""
+        from imaging_ad.trust import TrustPolicy, read_hash_list
+
+        policy = TrustPolicy.from_env()
+        if not policy.configured:
+            return policy
+        registry = self.config.weights_dir / "registry.json"
+        if registry.is_file():
+            policy = policy.with_hashes(read_hash_list(registry), str(registry))
+        own = self.config.models_dir / self.OWN_MODELS
+        if own.is_file():
+            policy = policy.with_hashes(read_hash_list(own), f"models built by this demo ({own})")
+        return policy
+
+    def trust_statement(self) -> str:
+        """What loading a model here establishes, in one sentence for the page."""
+        return "Model files: " + self.trust_policy().describe() + "."
+
+    def _remember_own_model(self, path: Path) -> None:
+        """List a model this demo just wrote among the ones it trusts (its data folder is its own)."""
+        import json
+
+        from imaging_ad.io.checksum import file_sha256
+
+        own = self.config.models_dir / self.OWN_MODELS
+        listing = json.loads(own.read_text()) if own.is_file() else {"models": []}
+        listing["models"].append({"file": path.name, "sha256": file_sha256(path)})
+        tmp = own.with_name(own.name + ".partial")
+        tmp.write_text(json.dumps(listing, indent=2))
+        tmp.replace(own)
 
     # -- inspect ------------------------------------------------------------------------------------
 
@@ -174,7 +212,7 @@ class DemoService:
         name = Path(upload).name
         stored = self.store_upload(upload, name)
         start = time.perf_counter()
-        record = read_image(stored)
+        record = read_image(stored, max_pixels=self.config.max_pixels)
         result = detector.predict([record])[0]
         if result.error is not None:  # a NaN score or map: a message, never a verdict
             raise ValueError(f"{name}: {result.error}")
@@ -283,7 +321,15 @@ class DemoService:
                 progress(p.done / p.total, f"{p.done}/{p.total} images, {p.flagged} flagged")
 
         summary = imaging_ad.scan(
-            input_dir, entry.path, out_dir, heatmaps="all", detector=detector, progress=on_progress
+            input_dir,
+            entry.path,
+            out_dir,
+            heatmaps="all",
+            detector=detector,
+            progress=on_progress,
+            # a link inside an allowed folder must not lead out of it; a header's size bounds memory
+            allowed_roots=[*self.config.allowed_roots, self.config.media_dir],
+            max_pixels=self.config.max_pixels,
         )
         if summary.n_files > self.config.max_batch_files:
             notes.append(
@@ -350,7 +396,7 @@ class DemoService:
             raise ValueError(f"a model named {name} exists already; choose another name")
         work = self.config.media_dir / "learn" / _stamp()
         folder_in, _ = self.gather_inputs(uploads, folder, work / "input")
-        images = collect_images(folder_in)
+        images = collect_images(folder_in, confine_to=[*self.config.allowed_roots, self.config.media_dir])
         if len(images) > self.config.max_batch_files:
             raise UnsafeInputError(
                 f"{len(images)} images, more than the limit of {self.config.max_batch_files}"
@@ -367,6 +413,7 @@ class DemoService:
         )
         detector.fit(images)
         detector.save(out)
+        self._remember_own_model(out)
         return next(m for m in self.models() if m.path == out.resolve())
 
     # -- review -------------------------------------------------------------------------------------
@@ -379,7 +426,7 @@ class DemoService:
         if not any(is_within(path, r) for r in roots) or not Path(path).is_file():
             return None
         try:
-            return to_display_rgb(read_image(path).pixels)
+            return to_display_rgb(read_image(path, max_pixels=self.config.max_pixels).pixels)
         except Exception:  # noqa: BLE001  (a file changed since it was scored: show nothing, keep reviewing)
             return None
 
@@ -433,7 +480,7 @@ class DemoService:
         ]
         if not readable:
             raise ValueError(f"no images reviewed as normal for {entry.name} (that are still readable)")
-        return feedback.extend_patchcore_bank(
+        extension = feedback.extend_patchcore_bank(
             entry.path,
             readable,
             self.next_version_path(entry),
@@ -441,7 +488,10 @@ class DemoService:
             progress=(lambda done, total: progress(done / total, f"{done}/{total} images"))
             if progress
             else None,
+            trust=self.trust_policy(),
         )
+        self._remember_own_model(extension.path)
+        return extension
 
     def recent_scores(self, sha: str, n: int = 200) -> list[float]:
         items = sorted(self.store.queue(sha), key=lambda i: (i.created_at, i.id), reverse=True)

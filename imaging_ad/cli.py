@@ -218,7 +218,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from imaging_ad.export.runtime import is_exported_model, load_exported
     from imaging_ad.io import read_image
-    from imaging_ad.io.names import printable
+    from imaging_ad.io.safe_text import printable
     from imaging_ad.visualize import overlay, save_png
 
     if is_exported_model(args.model):  # ONNX runs without torch: import no detector code for it

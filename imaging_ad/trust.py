@@ -256,9 +256,7 @@ def generate_key(path: str | os.PathLike) -> tuple[Path, Path]:
     public_path = private_path.with_name(private_path.name + ".pub")
     for existing in (private_path, public_path):
         if existing.exists():
-            raise ValueError(
-                f"{existing} exists already; choose another name (keys are never overwritten)"
-            )
+            raise ValueError(f"{existing} exists already; choose another name (keys are never overwritten)")
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,12 @@ from imaging_ad.trust import (
     verify_model,
 )
 from tests.synthetic import texture
-from tests.tiny_models import tiny_model, tiny_textures, tiny_torchscript_export
+from tests.tiny_models import one_torch_thread, tiny_model, tiny_textures, tiny_torchscript_export
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    yield from one_torch_thread()
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -39,3 +40,14 @@ def tiny_torchscript_export() -> Path:
     from imaging_ad.export import export_model
 
     return export_model(tiny_model("patchcore"), _folder() / "tiles.pt", "torchscript", verify=False).model
+
+
+def one_torch_thread() -> Iterator[None]:
+    """For a module-scoped autouse fixture: tiny models run many small ops, and with 2 OpenMP threads on
+    a busy 2-core machine each op can wait at its barrier (a 64 px image: 0.9 s instead of 10 ms)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

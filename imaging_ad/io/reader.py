@@ -113,7 +113,9 @@ def _read_bytes(path: Path, max_bytes: int) -> bytes:
         raise _inaccessible(path, exc) from exc
     _check_regular(path, info.st_mode)
     if info.st_size > max_bytes:
-        raise ImageTooLargeError(path, f"file is {info.st_size:,} bytes, over the limit of {max_bytes:,}")
+        raise ImageTooLargeError(
+            path, f"file is {info.st_size:,} bytes, over the limit of {max_bytes:,} bytes"
+        )
     # O_NONBLOCK: should a FIFO be swapped in after the check above, opening it must not wait for a
     # writer (it has no effect on regular files)
     flags = (

@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from imaging_ad.io import ImageReadError, read_image
+from imaging_ad.io import DEFAULT_MAX_PIXELS, ImageReadError, read_image
 from imaging_ad.result import NON_FINITE_CODE, non_finite_errors
-from imaging_ad.scan.store import HEATMAP_DIR, INVALIDATED_DIR, ResultStore, ScanSettings
+from imaging_ad.scan.store import HEATMAP_DIR, INVALIDATED_DIR, ResultStore, ScanSettings, writing
 
 if TYPE_CHECKING:  # pragma: no cover
     from imaging_ad.detectors import Detector
@@ -153,6 +153,8 @@ def scan(
     progress_bar: bool = False,
     detector: Detector | None = None,
     gallery_limit: int = 500,
+    allowed_roots: Sequence[str | os.PathLike] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> ScanSummary:
     """Score every image under ``input_dir`` with the model file ``model``; results go to ``out_dir``.
 
@@ -169,6 +171,9 @@ def scan(
     which is how a caller cancels); ``progress_bar`` shows a tqdm bar on stderr. ``detector`` may pass the
     model already loaded from ``model`` (e.g. by a long-running demo); the file still provides the
     fingerprint. Unreadable files become rows with an error; exceptions mean the scan could not run.
+    ``allowed_roots`` (a server's allowed folders): files whose real path lies outside all of them,
+    through a link, are skipped and never read. ``max_pixels``: images whose header declares more are
+    error rows, refused before decoding (a server's per-request memory bound).
     """
     from imaging_ad.detectors import load_detector, read_description
 
@@ -208,10 +213,11 @@ def scan(
     store = ResultStore(out, settings)
     try:
         store.open()
-        todo, present, n_skipped = _plan(root, out, store)
+        todo, present, n_skipped = _plan(root, out, store, allowed_roots)
         runner = _Runner(
             detector, store, root, threshold, heatmaps, batch_size, workers, progress, progress_bar
         )
+        runner.max_pixels = max_pixels
         start = time.perf_counter()
         runner.run(todo, n_skipped)
         seconds = time.perf_counter() - start
@@ -272,7 +278,9 @@ def _background_priority() -> None:
             os.setpriority(os.PRIO_PROCESS, thread, min(nice, 19))
 
 
-def discover(root: Path, out_dir: Path | None = None) -> list[Path]:
+def discover(
+    root: Path, out_dir: Path | None = None, allowed_roots: Sequence[str | os.PathLike] | None = None
+) -> list[Path]:
     """Image files under ``root`` (sorted, recursively), as the dataset discovery finds them.
 
     Names decide (known image suffixes, or none at all, since DICOM often has none); the reader sniffs
@@ -282,18 +290,20 @@ def discover(root: Path, out_dir: Path | None = None) -> list[Path]:
     from imaging_ad.data import collect_images
 
     excluded = [out_dir / HEATMAP_DIR, out_dir / INVALIDATED_DIR] if out_dir is not None else []
-    found = collect_images(root)
+    found = collect_images(root, confine_to=allowed_roots)
     if excluded:
         found = [p for p in found if not any(p.is_relative_to(e) for e in excluded)]
     return found
 
 
-def _plan(root: Path, out: Path, store: ResultStore) -> tuple[list[_Item], set[str], int]:
+def _plan(
+    root: Path, out: Path, store: ResultStore, allowed_roots: Sequence[str | os.PathLike] | None = None
+) -> tuple[list[_Item], set[str], int]:
     """(files to scan, relative paths of every file present, number skipped as already done)."""
     todo: list[_Item] = []
     present: set[str] = set()
     skipped = 0
-    for path in discover(root, out):
+    for path in discover(root, out, allowed_roots):
         relpath = path.relative_to(root).as_posix()
         present.add(relpath)
         problem = None
@@ -338,6 +348,7 @@ class _Runner:
         self.calibration = detector.calibration_
         self.preprocessor_config = detector.preprocessor_.to_dict()
         self._local = threading.local()
+        self.max_pixels = DEFAULT_MAX_PIXELS
         self.n_done = self.n_flagged = self.n_errors = self.n_overlays = 0
 
     # -- stage 1: read + preprocess (thread pool) -----------------------------------------------
@@ -355,7 +366,7 @@ class _Runner:
         if item.problem is not None:
             return _Loaded(item, error=item.problem, error_code="unreadable")
         try:
-            record = read_image(self.root / item.relpath)
+            record = read_image(self.root / item.relpath, max_pixels=self.max_pixels)
             tensor = self._preprocessor()(record)
         except ImageReadError as exc:
             return _Loaded(item, error=exc.reason, error_code=exc.reason_code)
@@ -505,6 +516,7 @@ class _Runner:
         except (ValueError, TypeError) as exc:  # an odd pixel layout: keep the score, skip the picture
             log.warning("%s: no overlay (%s)", entry.item.relpath, exc)
             return None
-        save_png(path, image)
+        with writing(path):  # a full disk: the error names the overlay, no 0-byte file is left
+            save_png(path, image)
         self.n_overlays += 1
         return rel

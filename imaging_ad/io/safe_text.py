@@ -1,13 +1,27 @@
-"""File names as text that is safe to print on one line: control characters escaped.
+"""Outside text (file names, reviewers' notes) made safe where it ends up: a terminal line, a CSV cell.
 
 A file name may hold a newline, a carriage return or an escape sequence; printed raw it splits a
-result line in two or rewrites the terminal. Everything else (accents, CJK) prints as it is.
+result line in two or rewrites the terminal. A CSV cell starting with ``=`` runs as a formula when
+the file is opened in a spreadsheet.
 """
 
 from __future__ import annotations
 
 import os
 import unicodedata
+from typing import Any
+
+#: what makes a spreadsheet read a cell as a formula (OWASP "CSV injection"), tab and CR included
+FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """A CSV cell a spreadsheet shows as text: strings starting with ``= + - @``, tab or CR get a
+    leading ``'`` (OWASP's rule); numbers, negative ones included, stay numbers."""
+    if isinstance(value, str) and value.startswith(FORMULA_TRIGGERS):
+        return "'" + value
+    return value
+
 
 _SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}
 
