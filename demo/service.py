@@ -22,6 +22,7 @@ import numpy as np
 
 from demo import feedback
 from demo.config import DemoConfig
+from demo.memory import release_freed_memory
 from demo.models import ModelCache, ModelEntry, fingerprint, list_models
 from demo.review_store import NewItem, QueueItem, ReviewStore
 from demo.safety import (
@@ -217,6 +218,7 @@ class DemoService:
         if result.error is not None:  # a NaN score or map: a message, never a verdict
             raise ValueError(f"{name}: {result.error}")
         model_seconds = time.perf_counter() - start
+        release_freed_memory()
         calibration = detector.calibration_
         display = to_display_rgb(record.pixels)
         sha = fingerprint(entry.path)
@@ -330,6 +332,9 @@ class DemoService:
             # a link inside an allowed folder must not lead out of it; a header's size bounds memory
             allowed_roots=[*self.config.allowed_roots, self.config.media_dir],
             max_pixels=self.config.max_pixels,
+            # one reader: each image in flight costs ~54 bytes per pixel at its peak (decoding,
+            # preprocessing, the overlay), 1.3 GB at the 25 MP cap; the model is the bottleneck anyway
+            workers=1,
         )
         if summary.n_files > self.config.max_batch_files:
             notes.append(
@@ -358,6 +363,7 @@ class DemoService:
                 )
             )
         self.store.add_items(items)
+        release_freed_memory()  # large images were decoded: give the memory back between requests
         rows.sort(key=lambda r: (r.get("score") is None, -(r.get("score") or 0.0)))
         return BatchResult(
             batch_id=batch_id,
@@ -403,6 +409,7 @@ class DemoService:
             )
         if len(images) < 5:
             raise ValueError(f"{len(images)} image(s) found; fitting needs at least 5 normal images")
+        self._check_pixel_counts(images)
         detector = create_detector(
             detector_name,
             backbone=backbone,
@@ -415,6 +422,20 @@ class DemoService:
         detector.save(out)
         self._remember_own_model(out)
         return next(m for m in self.models() if m.path == out.resolve())
+
+    def _check_pixel_counts(self, images: Sequence[Path]) -> None:
+        """Refuse images over the pixel limit from their headers, before fitting decodes any of them
+        (fitting reads a batch of images at a time: the same memory bound as Inspect and Batch)."""
+        from imaging_ad.io import ImageTooLargeError, read_size
+
+        for path in images:
+            height, width = read_size(path)
+            if height * width > self.config.max_pixels:
+                raise ImageTooLargeError(
+                    path,
+                    f"{width}x{height} pixels exceeds the limit of {self.config.max_pixels:,} "
+                    "(--max-megapixels); remove it or start the demo with a higher limit",
+                )
 
     # -- review -------------------------------------------------------------------------------------
 

@@ -433,3 +433,27 @@ def test_review_export_escapes_formula_cells(tmp_path) -> None:
         assert row["image_path"] == "/x/=evil.png"
         assert row["reviewer"] == "'@reviewer" and row["note"] == "'+note"
         assert row["score"] == "-0.25"  # a number stays a number
+
+
+def test_read_size_reads_only_the_header(tmp_path) -> None:
+    from pydicom.data import get_testdata_file
+
+    from imaging_ad.io import read_size
+
+    assert read_size(huge_png(tmp_path / "big.png", 9999, 7000, rgb=False)) == (7000, 9999)
+    assert read_size(get_testdata_file("CT_small.dcm")) == (128, 128)
+    made = special_files(tmp_path / "special")
+    with time_limit(5), pytest.raises(SpecialFileError):
+        read_size(made["fifo"])
+
+
+def test_demo_learn_refuses_oversized_images_before_decoding(tmp_path) -> None:
+    from demo.config import DemoConfig
+    from demo.service import DemoService
+
+    service = DemoService(DemoConfig(data_dir=tmp_path / "data", device="cpu"))
+    uploads = good_images(tmp_path / "up", 5) + [huge_png(tmp_path / "up" / "big.png", 9999, 9999)]
+    with pytest.raises(ImageTooLargeError, match="exceeds the limit of 25,000,000") as refused:
+        service.learn(uploads, None, "patchcore", "too-big")
+    assert "big.png" in str(refused.value)
+    assert not list((tmp_path / "data" / "models").glob("*.safetensors"))

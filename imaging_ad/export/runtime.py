@@ -106,9 +106,8 @@ class ExportedModel:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: exported model file does not exist")
         description = read_sidecar(path)
-        verify_model(
-            path, trust, sidecar=sidecar_path(path)
-        )  # authenticity of graph + sidecar, if configured
+        # authenticity of the graph and its sidecar, when a trust policy is configured
+        verify_model(path, trust, sidecar=sidecar_path(path))
         if verify_checksum and file_sha256(path) != description.get("model_sha256"):
             raise ExportedModelError(
                 f"{path}: checksum mismatch with its sidecar: the file was modified, damaged or swapped"

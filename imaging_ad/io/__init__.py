@@ -12,7 +12,13 @@ from imaging_ad.io.errors import (
     TruncatedImageError,
     UnsupportedCompressionError,
 )
-from imaging_ad.io.reader import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS, is_supported_path, read_image
+from imaging_ad.io.reader import (
+    DEFAULT_MAX_FILE_BYTES,
+    DEFAULT_MAX_PIXELS,
+    is_supported_path,
+    read_image,
+    read_size,
+)
 from imaging_ad.io.record import ImageMeta, ImageRecord
 
 __all__ = [
@@ -32,4 +38,5 @@ __all__ = [
     "UnsupportedCompressionError",
     "is_supported_path",
     "read_image",
+    "read_size",
 ]

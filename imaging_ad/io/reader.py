@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import io
 import os
 import stat
 from pathlib import Path
@@ -68,6 +69,32 @@ def read_image(
             )
     _check_finite(path, record)
     return record
+
+
+def read_size(path: str | os.PathLike, *, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> tuple[int, int]:
+    """(height, width) as the file's header declares them, without decoding any pixel: how many pixels
+    reading the file would cost. Same guards and errors as :func:`read_image` (special files, bounds)."""
+    path = Path(path)
+    data = _read_bytes(path, max_file_bytes)
+    try:
+        if is_dicom_bytes(data) or (
+            path.suffix.lower() in DICOM_SUFFIXES + ("",) and not _looks_raster(data)
+        ):
+            import pydicom
+
+            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+            return int(ds.Rows), int(ds.Columns)
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as image:  # lazy: parses the header only
+            width, height = image.size
+        return int(height), int(width)
+    except Exception as exc:  # noqa: BLE001  (whatever the header's fault, it names the file)
+        if type(exc).__name__ == "DecompressionBombError":  # Pillow's own guard, far above ours
+            raise ImageTooLargeError(path, f"image dimensions exceed the safety limit ({exc})") from exc
+        raise NotAnImageError(
+            path, f"image size cannot be read from the header ({type(exc).__name__}: {exc})"
+        ) from exc
 
 
 def _check_finite(path: Path, record: ImageRecord) -> None:
