@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from imaging_ad.cli import main
 from imaging_ad.detectors import ModelFileError, load_detector
 from imaging_ad.detectors.persistence import _digest
-from imaging_ad.export import ExportedModelError, load_exported
+from imaging_ad.export import ExportedModelError, export_model, load_exported
 from imaging_ad.export.sidecar import sidecar_path
 from imaging_ad.io.checksum import file_sha256
 from imaging_ad.trust import (
@@ -340,3 +340,15 @@ def test_pickle_with_forged_sidecar_is_refused_naming_the_file(models, tmp_path,
 def test_integrity_only_is_the_stated_default() -> None:
     assert TrustPolicy.from_env({}).describe() == INTEGRITY_ONLY
     assert "detects damage, not a deliberate edit" in INTEGRITY_ONLY
+
+
+def test_export_under_a_trust_policy_then_signing_the_export(models, keys, tmp_path, monkeypatch) -> None:
+    model = tmp_path / "model.safetensors"
+    shutil.copy(models["patchcore"], model)
+    sign_model(model, keys["private"])
+    monkeypatch.setenv(KEYS_ENV, str(keys["public"]))
+    files = export_model(model, tmp_path / "export.pt", "torchscript")  # its own check needs no signature
+    with pytest.raises(UntrustedModelError, match="no signature"):
+        load_exported(files.model, device="cpu")
+    sign_model(files.model, keys["private"], sidecar=files.sidecar)
+    load_exported(files.model, device="cpu")
