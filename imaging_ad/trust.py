@@ -41,7 +41,7 @@ SIGNATURE_VERSION = 1
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 
 INTEGRITY_ONLY = (
-    "integrity checked (the SHA-256 in the file), authenticity NOT checked: the checksum detects damage, "
+    "integrity checked (the model's SHA-256 checksums), authenticity NOT checked: a checksum detects damage, "
     "not a deliberate edit, since an editor can recompute it. To accept only models you trust, set "
     f"{KEYS_ENV} (public keys; sign models with `imaging-ad sign`) or {HASHES_ENV} (lists of trusted SHA-256)"
 )
