@@ -5,6 +5,7 @@ imaging-ad fit DATA --detector patchcore --out MODEL
 imaging-ad evaluate MODEL DATA [--json PATH] [--plots DIR]
 imaging-ad predict MODEL IMAGE_OR_DIR... [--heatmaps DIR] [--json PATH]
 imaging-ad export MODEL --format onnx|torchscript --out PATH   one graph + JSON sidecar
+imaging-ad keygen KEYFILE / imaging-ad sign MODEL --key KEYFILE  authenticity (see imaging_ad.trust)
 imaging-ad info IMAGE...                     what the reader sees in a file
 imaging-ad backbones                         backbones available offline
 imaging-ad demo [--host H] [--port P] [--data-dir D] [--allowed-root DIR]   the Gradio web demo
@@ -116,6 +117,21 @@ def _parser() -> argparse.ArgumentParser:
         "Parametric Map of the heatmap, one Key Object Selection per study (needs the [dicom] extra)",
     )
     p.set_defaults(run=_scan)
+
+    p = sub.add_parser(
+        "sign", help="sign a model file (or an export and its sidecar) with an Ed25519 key: writes MODEL.sig"
+    )
+    p.add_argument("model", help="model file (.safetensors) or exported model (.onnx, .pt/.ts + its .json)")
+    p.add_argument(
+        "--key", required=True, help="Ed25519 private key file (make one with `imaging-ad keygen`)"
+    )
+    p.set_defaults(run=_sign)
+
+    p = sub.add_parser(
+        "keygen", help="make an Ed25519 key pair for `imaging-ad sign`: KEYFILE and KEYFILE.pub"
+    )
+    p.add_argument("keyfile", help="private key to write (kept secret); the public key goes to KEYFILE.pub")
+    p.set_defaults(run=_keygen)
 
     p = sub.add_parser("info", help="show what the reader sees in image files")
     p.add_argument("images", nargs="+")
@@ -230,6 +246,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     dataset = _open_dataset(args)
     dataset.check_known_classes()  # before the model loads
     detector = load_detector(Path(args.model), device=args.device)
+    _say_trust(args.model)
     evaluation = evaluate(detector, dataset)
     report = evaluation.report
     print(format_metrics(report))
@@ -251,6 +268,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from imaging_ad.export.runtime import is_exported_model, load_exported
     from imaging_ad.inference import stream
+    from imaging_ad.io.safe_text import printable
     from imaging_ad.visualize import overlay, save_png
 
     if is_exported_model(args.model):  # ONNX runs without torch: import no detector code for it
@@ -259,6 +277,7 @@ def _predict(args: argparse.Namespace) -> int:
         from imaging_ad.detectors import load_detector
 
         model = load_detector(Path(args.model), device=args.device)
+    _say_trust(args.model)
     paths = _expand_inputs(args.inputs)
     if not paths:
         raise ValueError("no image files found in the given inputs")
@@ -266,7 +285,7 @@ def _predict(args: argparse.Namespace) -> int:
     rows = []
     keep = bool(args.heatmaps)  # overlays need the pixels
     for outcome in stream(model, paths, keep_records=keep):  # a bad file gets a row with its error
-        if not outcome.ok:
+        if not outcome.ok:  # unreadable, or a NaN score or map: an error row, never a verdict
             rows.append({"path": outcome.path, "error": outcome.error})
             continue
         result = outcome.result
@@ -287,13 +306,13 @@ def _predict(args: argparse.Namespace) -> int:
             row["heatmap"] = str(save_png(out, overlay(pixels, result.heatmap)))
         rows.append(row)
         flag = "ANOMALY" if result.is_anomaly else "normal"
-        print(f"{flag:<8} {result.normalized_score:>10.3f}  {result.score:>10.4f}  {outcome.path}")
+        print(f"{flag:<8} {result.normalized_score:>10.3f}  {result.score:>10.4f}  {printable(outcome.path)}")
     errors = [row for row in rows if "error" in row]
     for row in errors:
-        print(f"ERROR    {row['error']}", file=sys.stderr)
+        print(f"ERROR    {printable(row['error'])}", file=sys.stderr)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        Path(args.json).write_text(json.dumps(rows, indent=2, allow_nan=False))  # strict JSON: no NaN
     if errors and not args.allow_errors:
         print(
             f"imaging-ad predict: {len(errors)} of {len(rows)} input(s) could not be scored "
@@ -343,6 +362,32 @@ def _scan(args: argparse.Namespace) -> int:
         print(f"imaging-ad scan: error: {exc}", file=sys.stderr)
         return 1
     print(summary)
+    _say_trust(args.model)
+    return 0
+
+
+def _sign(args: argparse.Namespace) -> int:
+    from imaging_ad.export.sidecar import is_exported_model, sidecar_path
+    from imaging_ad.trust import KEYS_ENV, sign_model
+
+    sidecar = sidecar_path(args.model) if is_exported_model(args.model) else None
+    signature = sign_model(args.model, args.key, sidecar=sidecar)
+    covered = f"{args.model} and its sidecar {sidecar}" if sidecar else args.model
+    print(
+        f"signed {covered}: {signature}. Machines that list the public key in {KEYS_ENV} load the model only "
+        "while it and this signature are unchanged"
+    )
+    return 0
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from imaging_ad.trust import KEYS_ENV, generate_key
+
+    private, public = generate_key(args.keyfile)
+    print(
+        f"wrote the private key {private} (keep it secret; it signs models) and the public key {public} "
+        f"(give it to machines that load models: {KEYS_ENV}={public})"
+    )
     return 0
 
 
@@ -387,6 +432,13 @@ def _demo(args: argparse.Namespace) -> int:
     from imaging_ad.app.launcher import run
 
     return run(args)
+
+
+def _say_trust(model: str) -> None:
+    """What loading the model established: integrity only, or authenticity (see imaging_ad.trust)."""
+    from imaging_ad.trust import trust_note
+
+    print(f"model {model}: {trust_note()}", file=sys.stderr)
 
 
 def _expand_inputs(inputs: list[str]) -> list[Path]:

@@ -29,6 +29,11 @@ def evaluate(detector: Detector, dataset: Dataset, fpr_limit: float = 0.3) -> Ev
     start = time.perf_counter()
     results = detector.predict(test)
     images_per_second = len(test) / max(time.perf_counter() - start, 1e-9)
+    failed = [r for r in results if r.error is not None]
+    if failed:  # metrics need a verdict for every test image
+        raise ValueError(
+            f"{len(failed)} test image(s) got no score, e.g. {failed[0].path}: {failed[0].error}"
+        )
     labels = [s.label for s in test]
     has_masks = any(s.mask_path is not None for s in test)
     masks = heatmaps = None

@@ -30,7 +30,7 @@ from imaging_ad.calibration import Calibration
 from imaging_ad.io import ImageReadError, ImageRecord
 from imaging_ad.io.items import ImageInput, item_path, to_record
 from imaging_ad.preprocess import Preprocessor
-from imaging_ad.result import AnomalyResult
+from imaging_ad.result import NON_FINITE_CODE, AnomalyResult, non_finite_errors
 
 #: niceness added to the reading threads (see background_priority)
 BACKGROUND_NICE = 10
@@ -85,11 +85,13 @@ def load(
     preprocessor: Preprocessor,
     keep_record: bool = False,
     transform: Transform | None = None,
+    reader: Callable[[ImageInput], ImageRecord | np.ndarray] = to_record,
 ) -> Outcome:
-    """Read and preprocess one item; a file that cannot be read or preprocessed gives its error instead."""
+    """Read (with ``reader``) and preprocess one item; a file that cannot be read or preprocessed gives its
+    error instead."""
     outcome = Outcome(item, item_path(item))
     try:
-        record = to_record(item)
+        record = reader(item)
         image = preprocessor(record)
         outcome.image = image if transform is None else transform(image)
     except ImageReadError as exc:
@@ -109,9 +111,11 @@ def read_ahead(
     depth: int = 8,
     keep_records: bool = False,
     transform: Transform | None = None,
+    reader: Callable[[ImageInput], ImageRecord | np.ndarray] = to_record,
 ) -> Iterator[Outcome]:
-    """Each item read and preprocessed, in input order, ``depth`` items ahead of the consumer. A random
-    ``transform`` (augmentation) reads with one thread, so the same seed draws the same transforms."""
+    """Each item read (``reader``: e.g. ``read_image`` with a pixel cap) and preprocessed, in input order,
+    ``depth`` items ahead of the consumer. A random ``transform`` (augmentation) reads with one thread, so
+    the same seed draws the same transforms."""
     workers = 1 if transform is not None else int(workers or default_workers())
     iterator = iter(items)
     with ThreadPoolExecutor(
@@ -121,7 +125,7 @@ def read_ahead(
         try:
             while True:
                 for item in iterator:
-                    pending.append(pool.submit(load, item, preprocessor, keep_records, transform))
+                    pending.append(pool.submit(load, item, preprocessor, keep_records, transform, reader))
                     if len(pending) >= max(depth, workers):
                         break
                 if not pending:
@@ -158,6 +162,7 @@ def stream_batches(
     workers: int | None = None,
     keep_records: bool = False,
     threshold: float | None = None,
+    reader: Callable[[ImageInput], ImageRecord | np.ndarray] = to_record,
 ) -> Iterator[list[Outcome]]:
     """Score ``items`` with ``model``, a batch of outcomes at a time, in input order.
 
@@ -168,18 +173,21 @@ def stream_batches(
     preprocessor, calibration = model.preprocessor_, model.calibration_
     threshold = calibration.image_threshold if threshold is None else float(threshold)
     size = int(batch_size or model.batch_size)
-    loaded = read_ahead(items, preprocessor, workers=workers, depth=2 * size, keep_records=keep_records)
+    loaded = read_ahead(
+        items, preprocessor, workers=workers, depth=2 * size, keep_records=keep_records, reader=reader
+    )
     for batch in batches(loaded, size):
         readable = [entry for entry in batch if entry.ok]
         if readable:
             scores, heatmaps = model.score_batch(stacked(batch))
             normalized = calibration.normalize(scores)
-            for entry, score, norm, heatmap in zip(readable, scores, normalized, heatmaps, strict=True):
+            problems = non_finite_errors(scores, heatmaps)  # a NaN score or map: an error, never a verdict
+            for entry, score, norm, heatmap, problem in zip(
+                readable, scores, normalized, heatmaps, problems, strict=True
+            ):
                 entry.image = None
-                if not (np.isfinite(score) and np.isfinite(heatmap).all()):
-                    entry.fail(
-                        "the model's score or heatmap is not a finite number; no verdict", "non_finite_score"
-                    )
+                if problem is not None:
+                    entry.fail(problem, NON_FINITE_CODE)
                     continue
                 entry.result = AnomalyResult(
                     float(score),
@@ -202,13 +210,16 @@ def stream(
 
 
 def predict_all(model: Scorer, items: Iterable[ImageInput], **options) -> list[AnomalyResult]:
-    """Every item's result (:func:`stream`'s options); the first item that cannot be read or scored raises
-    its error."""
+    """Every item's result (:func:`stream`'s options): an image whose score or map is not finite gets a
+    result with ``error`` set and no verdict; the first item that cannot be read raises its error."""
     results = []
     for outcome in stream(model, items, **options):
-        if not outcome.ok:
+        if outcome.error_code == NON_FINITE_CODE:
+            results.append(AnomalyResult.failed(outcome.path, outcome.reason))
+        elif not outcome.ok:
             raise outcome.exception or ValueError(outcome.error)
-        results.append(outcome.result)
+        else:
+            results.append(outcome.result)
     return results
 
 

@@ -51,6 +51,10 @@ class DemoConfig:
     device: str = "auto"
     #: most files one batch or fit takes (uploads, zip contents or a folder)
     max_batch_files: int = 5000
+    #: most pixels one image may have, checked in its header before decoding. This bounds the memory a
+    #: request takes: a small PNG can declare 9999 x 9999 pixels (300 MB decoded, several GB once scored
+    #: and rendered). 25 megapixels holds any radiograph (a 43 x 43 cm detector at 100 um is 18.5 MP).
+    max_pixels: int = 25_000_000
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).expanduser().resolve()

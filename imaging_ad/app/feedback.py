@@ -118,6 +118,7 @@ def extend_patchcore_bank(
     *,
     rows_per_image: int | None = None,
     device: str = "cpu",
+    trust=None,  # imaging_ad.trust.TrustPolicy the source model must satisfy (default: the environment's)
 ) -> BankExtension:
     """A new PatchCore model file: the model at ``model_path`` with patches of images reviewed as normal
     added to its memory bank, so that they and images like them score lower, and recalibrated.
@@ -133,7 +134,7 @@ def extend_patchcore_bank(
             f"{len(images)} image(s) reviewed as normal: at least 4 are needed (half extend the memory bank, "
             "half recalibrate the thresholds)"
         )
-    detector = load_detector(Path(model_path), device=device)
+    detector = load_detector(Path(model_path), device=device, trust=trust)
     if detector.name != "patchcore":
         raise ValueError(f"only PatchCore models have a memory bank to extend; this one is {detector.name}")
     detector.progress = False

@@ -37,6 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-upload-mb", type=int, default=200, help="largest accepted upload (default 200)"
     )
+    parser.add_argument(
+        "--max-megapixels",
+        type=float,
+        default=25.0,
+        help="largest image accepted, in megapixels, checked before decoding (default 25; bounds memory)",
+    )
     parser.add_argument("--device", default="auto", help="torch device for the models (default auto)")
     parser.add_argument(
         "--threads",
@@ -125,6 +131,7 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
     kwargs = {
         "allowed_roots": [Path(r) for r in args.allowed_root],
         "max_upload_mb": args.max_upload_mb,
+        "max_pixels": int(getattr(args, "max_megapixels", 25.0) * 1_000_000),
         "device": args.device,
     }
     if args.data_dir:

@@ -20,6 +20,7 @@ from imaging_ad.io.checksum import file_sha256
 
 if TYPE_CHECKING:  # pragma: no cover
     from imaging_ad.detectors import Detector
+    from imaging_ad.trust import TrustPolicy
 
 REGISTRY_NAME = "registry.json"
 
@@ -96,7 +97,9 @@ class ModelCache:
         self._lock = threading.Lock()
         self._verified: set[tuple[str, int, int]] = set()
 
-    def get(self, entry: ModelEntry | Path) -> Detector:
+    def get(self, entry: ModelEntry | Path, trust: TrustPolicy | None = None) -> Detector:
+        """The loaded detector of ``entry``; ``trust``: the policy a first load checks (default: the
+        environment's, see :mod:`imaging_ad.trust`)."""
         from imaging_ad.detectors import load_detector
 
         path = entry.path if isinstance(entry, ModelEntry) else Path(entry)
@@ -114,7 +117,7 @@ class ModelCache:
                         f"{entry.sha256[:12]}...; rebuild it with weights/build_default_model.py"
                     )
                 self._verified.add(key)
-            detector = load_detector(path, device=self.device)
+            detector = load_detector(path, device=self.device, trust=trust)
             detector.progress = False
             # first call pays one-off costs (allocator, oneDNN kernel selection); pay them here, not
             # in the first user's request

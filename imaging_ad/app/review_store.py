@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from imaging_ad.io.safe_text import csv_cell
+
 VERDICTS = ("normal", "anomalous", "unsure")
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 10_000
@@ -115,6 +117,12 @@ class Verdict:
     reviewer: str
     note: str
     created_at: str
+
+
+def _escaped(row: dict) -> dict:
+    """Names, notes and reviewers are typed or uploaded by people: no cell may run as a spreadsheet
+    formula when the export is opened (OWASP CSV injection; numbers stay numbers)."""
+    return {key: csv_cell(value) for key, value in row.items()}
 
 
 def _now() -> str:
@@ -322,18 +330,16 @@ class ReviewStore:
             if history:
                 for v in self.history():
                     item = items[v.item_id]
-                    writer.writerow(
-                        self._export_row(item)
-                        | {
-                            "verdict": v.verdict,
-                            "reviewer": v.reviewer,
-                            "note": v.note,
-                            "reviewed_at": v.created_at,
-                        }
-                    )
+                    row = self._export_row(item) | {
+                        "verdict": v.verdict,
+                        "reviewer": v.reviewer,
+                        "note": v.note,
+                        "reviewed_at": v.created_at,
+                    }
+                    writer.writerow(_escaped(row))
             else:
                 for item in sorted(items.values(), key=lambda i: (-i.score, i.id)):
-                    writer.writerow(self._export_row(item))
+                    writer.writerow(_escaped(self._export_row(item)))
         return path
 
     @staticmethod

@@ -22,6 +22,7 @@ import numpy as np
 
 from imaging_ad.app import feedback
 from imaging_ad.app.config import DemoConfig
+from imaging_ad.app.memory import release_freed_memory
 from imaging_ad.app.models import ModelCache, ModelEntry, fingerprint, list_models
 from imaging_ad.app.review_store import NewItem, QueueItem, ReviewStore
 from imaging_ad.app.safety import (
@@ -149,7 +150,45 @@ class DemoService:
         return models[0]
 
     def detector(self, entry: ModelEntry):  # -> Detector (imported lazily)
-        return self.cache.get(entry)
+        return self.cache.get(entry, trust=self.trust_policy())
+
+    # -- trust (see imaging_ad.trust) ------------------------------------------------------------------
+
+    OWN_MODELS = "built-by-this-demo.json"
+
+    def trust_policy(self):  # -> imaging_ad.trust.TrustPolicy
+        """The operator's policy (``IMAGING_AD_TRUST_KEYS`` / ``IMAGING_AD_TRUSTED_HASHES``). When one is
+        configured, the shipped registry's hashes and the models this demo built itself count as trusted
+        lists too; without one, model files are checked for integrity only."""
+        from imaging_ad.trust import TrustPolicy, read_hash_list
+
+        policy = TrustPolicy.from_env()
+        if not policy.configured:
+            return policy
+        registry = self.config.weights_dir / "registry.json"
+        if registry.is_file():
+            policy = policy.with_hashes(read_hash_list(registry), str(registry))
+        own = self.config.models_dir / self.OWN_MODELS
+        if own.is_file():
+            policy = policy.with_hashes(read_hash_list(own), f"models built by this demo ({own})")
+        return policy
+
+    def trust_statement(self) -> str:
+        """What loading a model here establishes, in one sentence for the page."""
+        return "Model files: " + self.trust_policy().describe() + "."
+
+    def _remember_own_model(self, path: Path) -> None:
+        """List a model this demo just wrote among the ones it trusts (its data folder is its own)."""
+        import json
+
+        from imaging_ad.io.checksum import file_sha256
+
+        own = self.config.models_dir / self.OWN_MODELS
+        listing = json.loads(own.read_text()) if own.is_file() else {"models": []}
+        listing["models"].append({"file": path.name, "sha256": file_sha256(path)})
+        tmp = own.with_name(own.name + ".partial")
+        tmp.write_text(json.dumps(listing, indent=2))
+        tmp.replace(own)
 
     # -- inspect ------------------------------------------------------------------------------------
 
@@ -185,9 +224,12 @@ class DemoService:
         name = Path(upload).name
         stored = self.store_upload(upload, name)
         start = time.perf_counter()
-        record = read_image(stored)
+        record = read_image(stored, max_pixels=self.config.max_pixels)
         result = detector.predict([record])[0]
+        if result.error is not None:  # a NaN score or map: a message, never a verdict
+            raise ValueError(f"{name}: {result.error}")
         model_seconds = time.perf_counter() - start
+        release_freed_memory()
         calibration = detector.calibration_
         display = to_display_rgb(record.pixels)
         sha = fingerprint(entry.path)
@@ -292,7 +334,18 @@ class DemoService:
                 progress(p.done / p.total, f"{p.done}/{p.total} images, {p.flagged} flagged")
 
         summary = imaging_ad.scan(
-            input_dir, entry.path, out_dir, heatmaps="all", detector=detector, progress=on_progress
+            input_dir,
+            entry.path,
+            out_dir,
+            heatmaps="all",
+            detector=detector,
+            progress=on_progress,
+            # a link inside an allowed folder must not lead out of it; a header's size bounds memory
+            allowed_roots=[*self.config.allowed_roots, self.config.media_dir],
+            max_pixels=self.config.max_pixels,
+            # one reader: each image in flight costs ~54 bytes per pixel at its peak (decoding,
+            # preprocessing, the overlay), 1.3 GB at the 25 MP cap; the model is the bottleneck anyway
+            workers=1,
         )
         if summary.n_files > self.config.max_batch_files:
             notes.append(
@@ -321,6 +374,7 @@ class DemoService:
                 )
             )
         self.store.add_items(items)
+        release_freed_memory()  # large images were decoded: give the memory back between requests
         rows.sort(key=lambda r: (r.get("score") is None, -(r.get("score") or 0.0)))
         return BatchResult(
             batch_id=batch_id,
@@ -359,13 +413,14 @@ class DemoService:
             raise ValueError(f"a model named {name} exists already; choose another name")
         work = self.config.media_dir / "learn" / _stamp()
         folder_in, _ = self.gather_inputs(uploads, folder, work / "input")
-        images = collect_images(folder_in)
+        images = collect_images(folder_in, confine_to=[*self.config.allowed_roots, self.config.media_dir])
         if len(images) > self.config.max_batch_files:
             raise UnsafeInputError(
                 f"{len(images)} images, more than the limit of {self.config.max_batch_files}"
             )
         if len(images) < 5:
             raise ValueError(f"{len(images)} image(s) found; fitting needs at least 5 normal images")
+        self._check_pixel_counts(images)
         detector = create_detector(
             detector_name,
             backbone=backbone,
@@ -376,7 +431,22 @@ class DemoService:
         )
         detector.fit(images)
         detector.save(out)
+        self._remember_own_model(out)
         return next(m for m in self.models() if m.path == out.resolve())
+
+    def _check_pixel_counts(self, images: Sequence[Path]) -> None:
+        """Refuse images over the pixel limit from their headers, before fitting decodes any of them
+        (fitting reads a batch of images at a time: the same memory bound as Inspect and Batch)."""
+        from imaging_ad.io import ImageTooLargeError, read_size
+
+        for path in images:
+            height, width = read_size(path)
+            if height * width > self.config.max_pixels:
+                raise ImageTooLargeError(
+                    path,
+                    f"{width}x{height} pixels exceeds the limit of {self.config.max_pixels:,} "
+                    "(--max-megapixels); remove it or start the demo with a higher limit",
+                )
 
     # -- review -------------------------------------------------------------------------------------
 
@@ -388,7 +458,7 @@ class DemoService:
         if not any(is_within(path, r) for r in roots) or not Path(path).is_file():
             return None
         try:
-            return to_display_rgb(read_image(path).pixels)
+            return to_display_rgb(read_image(path, max_pixels=self.config.max_pixels).pixels)
         except Exception:  # noqa: BLE001  (a file changed since it was scored: show nothing, keep reviewing)
             return None
 
@@ -497,12 +567,15 @@ class DemoService:
         ]
         if not readable:
             raise ValueError(f"no images reviewed as normal for {entry.name} (that are still readable)")
-        return feedback.extend_patchcore_bank(
+        extension = feedback.extend_patchcore_bank(
             entry.path,
             readable,
             self.next_version_path(entry),
             device=self.config.device,
+            trust=self.trust_policy(),
         )
+        self._remember_own_model(extension.path)
+        return extension
 
     def recent_scores(self, sha: str, n: int = 200) -> list[float]:
         items = sorted(self.store.queue(sha), key=lambda i: (i.created_at, i.id), reverse=True)

@@ -36,7 +36,8 @@ def build_app(service: DemoService) -> gr.Blocks:
         gr.Markdown(
             "# imaging_ad — anomaly detection from normal images\n"
             "Score an image, review the queue, scan a batch, build a model from your own normal images, "
-            "and improve it from the reviews. Research demo: not a medical device."
+            "and improve it from the reviews. Research demo: not a medical device.\n\n"
+            + service.trust_statement()
         )
         # the reviewer's name, kept in this browser's local storage (outside the tabs: a state inside a
         # lazily rendered tab is not there yet when the page loads)

@@ -8,6 +8,7 @@ image headers are read to check that their sizes agree.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -24,6 +25,8 @@ from imaging_ad.data.dataset import (
 )
 from imaging_ad.data.manifest import read_manifest
 from imaging_ad.io.reader import is_supported_path
+
+log = logging.getLogger("imaging_ad.data")
 
 NORMAL_NAMES = frozenset({"good", "normal", "ok"})
 # Class folder names that are labels of a yes/no question, not a finding type: "no" beside "yes" may
@@ -132,24 +135,42 @@ def _label_like(folder: Path) -> dict[str, list[Path]]:
     }
 
 
-def collect_images(folder: Path) -> list[Path]:
+def collect_images(folder: Path, confine_to: Iterable[str | os.PathLike] | None = None) -> list[Path]:
     """Image files under ``folder``, recursively, sorted by relative path.
 
     Skips hidden files and folders, mask folders (``ground_truth``, ``masks``, ...) and files whose
     name says they are not images (``.txt``, ``.csv``, ``README``, ...). Symlinked folders are followed
-    once each.
+    once each. With ``confine_to``, only files whose real path (links resolved) lies inside one of those
+    folders are kept, and linked folders outside them are not even listed: a link inside an allowed
+    folder must not lead out of it.
     """
     found: list[Path] = []
     seen: set[str] = set()
+    roots = None if confine_to is None else [os.path.realpath(r) for r in confine_to]
+    n_outside = 0
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         real = os.path.realpath(dirpath)
-        if real in seen:  # a symlink loop or a folder linked twice
+        if real in seen or not _confined(real, roots):  # a symlink loop, a folder linked twice, or outside
+            n_outside += real not in seen
             dirnames[:] = []
             continue
         seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not _skip_dir(d))
-        found.extend(Path(dirpath, f) for f in filenames if _is_image_name(f))
+        images = [Path(dirpath, f) for f in filenames if _is_image_name(f)]
+        if roots is not None:
+            inside = [p for p in images if _confined(os.path.realpath(p), roots)]
+            n_outside += len(images) - len(inside)
+            images = inside
+        found.extend(images)
+    if n_outside:
+        log.warning("%s: %d link(s) lead outside the allowed folders and were skipped", folder, n_outside)
     return sorted(found, key=lambda p: p.relative_to(folder).parts)
+
+
+def _confined(real: str, roots: list[str] | None) -> bool:
+    return roots is None or any(
+        real == root or real.startswith(root.rstrip(os.sep) + os.sep) for root in roots
+    )
 
 
 def _discover_split(

@@ -284,8 +284,8 @@ class Detector(ABC):
 
     def predict(self, images: Sequence[ImageInput] | ImageInput) -> list[AnomalyResult]:
         """Score images: one :class:`AnomalyResult` each, heatmaps at each image's original size. An image
-        that cannot be read or scored raises its error (``imaging_ad.inference.stream`` yields per-item
-        errors instead)."""
+        that cannot be read raises its error (``imaging_ad.inference.stream`` yields per-item errors
+        instead); one whose score or map is not finite gets a result with ``error`` set and no verdict."""
         self._check_fitted()
         if isinstance(images, (str, os.PathLike, np.ndarray)) or hasattr(images, "meta"):
             images = [images]

@@ -10,6 +10,8 @@ import hashlib
 import json
 import os
 import platform
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 import imaging_ad
+from imaging_ad.trust import TrustPolicy, verify_model
 
 FORMAT = "imaging_ad.detector"
 FORMAT_VERSION = 1
@@ -152,9 +155,11 @@ def _file_kind(head: bytes) -> str | None:
     return None
 
 
-def read_model(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(description, saved state tensors) of a model file, its checksum verified."""
+def read_model(path: Path, trust: TrustPolicy | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(description, saved state tensors) of a model file, its checksum verified, and with a trust policy
+    (``trust``, else the environment's, see :mod:`imaging_ad.trust`) its signature or listed hash."""
     path = Path(path)
+    verify_model(path, trust)  # authenticity, when configured; the checksum below is integrity only
     description = read_description(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -166,10 +171,27 @@ def read_model(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     expected = description.pop("sha256", None)
     if expected is None or _digest(description, tensors) != expected:
         raise ModelFileError(
-            f"{path}: checksum mismatch: the file was modified or damaged after it was saved"
+            f"{path}: checksum mismatch: the file was modified or damaged after it was saved "
+            "(this checksum detects damage, not forgery; see `imaging-ad sign` for authenticity)"
         )
     state = {k[len(_STATE_PREFIX) :]: v for k, v in tensors.items() if k.startswith(_STATE_PREFIX)}
     return description, state
+
+
+@contextmanager
+def describes_its_tensors(path: Path, detector: str) -> Iterator[None]:
+    """A description that does not fit its tensors (a PaDiM file relabelled PatchCore, a tensor missing,
+    a misshapen one): a :class:`ModelFileError` that says so instead of a traceback."""
+    try:
+        yield
+    except ModelFileError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as exc:
+        what = f"missing entry {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+        raise ModelFileError(
+            f"{path}: the model's description does not match its content for detector {detector!r} ({what}); "
+            "the file was edited or assembled from different models. Use the file as it was saved, or refit"
+        ) from exc
 
 
 def check_backbone(detector, description: dict) -> None:

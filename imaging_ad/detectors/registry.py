@@ -9,8 +9,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+import numpy as np
+
 from imaging_ad.detectors.params import validate_params
-from imaging_ad.detectors.persistence import ModelFileError, read_model
+from imaging_ad.detectors.persistence import ModelFileError, describes_its_tensors, read_model
+from imaging_ad.trust import TrustPolicy
 
 if TYPE_CHECKING:  # pragma: no cover
     from imaging_ad.detectors.base import Detector
@@ -61,16 +64,24 @@ def list_detectors() -> list[str]:
     return sorted(DETECTORS)
 
 
-def load_detector(path: str | os.PathLike, device: str = "auto") -> Detector:
-    """A fitted detector from its model file (checksum verified; see :mod:`.persistence`)."""
+def load_detector(
+    path: str | os.PathLike, device: str = "auto", trust: TrustPolicy | None = None
+) -> Detector:
+    """A fitted detector from its model file: checksum verified, and with a trust policy (``trust``, else
+    the environment's, see :mod:`imaging_ad.trust`) signed by a trusted key or listed as trusted. A file
+    whose description does not fit its tensors is refused with a :class:`ModelFileError`."""
     path = Path(path)
-    description, state = read_model(path)
-    name = description["detector"]
+    description, state = read_model(path, trust)
+    name = description.get("detector")
     if name not in DETECTORS:
         raise ModelFileError(f"{path}: detector {name!r} is not available (registered: {sorted(DETECTORS)})")
-    detector = DETECTORS[name](**{**description["params"], "device": device})
-    try:
-        detector.restore(description, state)
-    except ModelFileError as exc:
-        raise ModelFileError(f"{path}: {exc}") from exc
+    with describes_its_tensors(path, name):
+        detector = DETECTORS[name](**{**description["params"], "device": device})
+        try:
+            detector.restore(description, state)
+        except ModelFileError as exc:
+            raise ModelFileError(f"{path}: {exc}") from exc
+        # one tiny forward pass: tensors of the wrong shape fail here, with this message, not mid-scan
+        size = detector.preprocessor_.image_size
+        detector.score_batch(np.zeros((1, 3, size, size), np.float32))
     return detector

@@ -22,12 +22,13 @@ import numpy as np
 
 from imaging_ad.calibration import Calibration
 from imaging_ad.export.errors import ExportedModelError
-from imaging_ad.export.sidecar import is_exported_model, read_sidecar
+from imaging_ad.export.sidecar import is_exported_model, read_sidecar, sidecar_path
 from imaging_ad.inference import predict_all
 from imaging_ad.io import ImageRecord
 from imaging_ad.io.checksum import file_sha256
 from imaging_ad.preprocess import Preprocessor
 from imaging_ad.result import AnomalyResult
+from imaging_ad.trust import TrustPolicy, verify_model
 
 __all__ = ["ExportedModel", "ExportedResult", "OnnxBackend", "is_exported_model", "load_exported"]
 
@@ -99,11 +100,14 @@ class ExportedModel:
         device: str = "auto",
         threads: int | None = None,
         verify_checksum: bool = True,
+        trust: TrustPolicy | None = None,
     ) -> ExportedModel:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: exported model file does not exist")
         description = read_sidecar(path)
+        # authenticity of the graph and its sidecar, when a trust policy is configured
+        verify_model(path, trust, sidecar=sidecar_path(path))
         if verify_checksum and file_sha256(path) != description.get("model_sha256"):
             raise ExportedModelError(
                 f"{path}: checksum mismatch with its sidecar: the file was modified, damaged or swapped"
@@ -116,7 +120,12 @@ class ExportedModel:
         kwargs: dict[str, Any] = {"device": device}
         if threads and backend_class is OnnxBackend:
             kwargs["threads"] = threads
-        return cls(path, description, backend_class(path, **kwargs))
+        try:
+            return cls(path, description, backend_class(path, **kwargs))
+        except (KeyError, TypeError, AttributeError) as exc:  # a sidecar missing what it must say
+            raise ExportedModelError(
+                f"{sidecar_path(path)}: incomplete sidecar ({type(exc).__name__}: {exc}); export the model again"
+            ) from exc
 
     @property
     def image_size(self) -> int:
@@ -139,7 +148,14 @@ class ExportedModel:
 
 
 def load_exported(
-    path: str | os.PathLike, device: str = "auto", threads: int | None = None, verify_checksum: bool = True
+    path: str | os.PathLike,
+    device: str = "auto",
+    threads: int | None = None,
+    verify_checksum: bool = True,
+    trust: TrustPolicy | None = None,
 ) -> ExportedModel:
-    """Load an exported model (``.onnx``, or TorchScript ``.pt``/``.ts``) with its ``<file>.json`` sidecar."""
-    return ExportedModel.load(path, device=device, threads=threads, verify_checksum=verify_checksum)
+    """Load an exported model (``.onnx``, or TorchScript ``.pt``/``.ts``) with its ``<file>.json`` sidecar.
+    With a trust policy (``trust``, else the environment's) both must be signed or listed as trusted."""
+    return ExportedModel.load(
+        path, device=device, threads=threads, verify_checksum=verify_checksum, trust=trust
+    )

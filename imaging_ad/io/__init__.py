@@ -6,14 +6,23 @@ from imaging_ad.io.errors import (
     ImageReadError,
     ImageTooLargeError,
     MultiFrameImageError,
+    NonFiniteImageError,
     NotAnImageError,
+    SpecialFileError,
     TruncatedImageError,
     UnsupportedCompressionError,
 )
-from imaging_ad.io.reader import DEFAULT_MAX_PIXELS, is_supported_path, read_image
+from imaging_ad.io.reader import (
+    DEFAULT_MAX_FILE_BYTES,
+    DEFAULT_MAX_PIXELS,
+    is_supported_path,
+    read_image,
+    read_size,
+)
 from imaging_ad.io.record import ImageMeta, ImageRecord
 
 __all__ = [
+    "DEFAULT_MAX_FILE_BYTES",
     "DEFAULT_MAX_PIXELS",
     "EmptyImageFileError",
     "ImageMeta",
@@ -22,9 +31,12 @@ __all__ = [
     "ImageRecord",
     "ImageTooLargeError",
     "MultiFrameImageError",
+    "NonFiniteImageError",
     "NotAnImageError",
+    "SpecialFileError",
     "TruncatedImageError",
     "UnsupportedCompressionError",
     "is_supported_path",
     "read_image",
+    "read_size",
 ]

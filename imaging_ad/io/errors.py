@@ -51,3 +51,17 @@ class MultiFrameImageError(ImageReadError):
     """A multi-frame file was read without saying which frame to take."""
 
     reason_code = "multi_frame"
+
+
+class SpecialFileError(ImageReadError):
+    """Not a regular file (a FIFO, device, socket or a symbolic link loop): refused before any read,
+    since reading it could block forever (a FIFO) or never end (``/dev/zero``)."""
+
+    reason_code = "special_file"
+
+
+class NonFiniteImageError(ImageReadError):
+    """Pixels that are NaN or infinite (a float image holding them, or a DICOM rescale that makes them):
+    no score computed from them would mean anything."""
+
+    reason_code = "non_finite"

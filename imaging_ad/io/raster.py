@@ -8,6 +8,7 @@ returning grey-filled pixels. OpenCV decodes the one case Pillow would silently 
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from imaging_ad.io.errors import (
+    ImageReadError,
     ImageTooLargeError,
     NotAnImageError,
     TruncatedImageError,
@@ -28,6 +30,15 @@ _EXIF_ORIENTATION_TAG = 0x0112
 
 def read_raster(path: Path, data: bytes, max_pixels: int) -> ImageRecord:
     try:
+        return _read_raster(path, data, max_pixels)
+    except ImageReadError:
+        raise
+    except Exception as exc:  # never a bare crash: a decoder's unforeseen complaint still names the file
+        raise ImageReadError(path, f"image cannot be decoded ({type(exc).__name__}: {exc})") from exc
+
+
+def _read_raster(path: Path, data: bytes, max_pixels: int) -> ImageRecord:
+    try:
         with warnings.catch_warnings():
             # Our own guard below replaces Pillow's warning; its hard error is still caught.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -36,6 +47,12 @@ def read_raster(path: Path, data: bytes, max_pixels: int) -> ImageRecord:
         raise ImageTooLargeError(path, f"image dimensions exceed the safety limit ({exc})") from exc
     except UnidentifiedImageError as exc:
         raise NotAnImageError(path, "not a recognised image format (PNG, JPEG, BMP, TIFF or DICOM)") from exc
+    except (OSError, EOFError, struct.error) as exc:  # the header itself is cut short
+        raise TruncatedImageError(
+            path, f"file is truncated or corrupt: its header cannot be read ({exc})"
+        ) from exc
+    except (SyntaxError, ValueError) as exc:
+        raise NotAnImageError(path, f"corrupt image header ({exc})") from exc
 
     fmt = (image.format or "").upper()
     if fmt not in SUPPORTED_FORMATS:

@@ -22,6 +22,8 @@ from urllib.parse import quote
 
 import numpy as np
 
+from imaging_ad.scan.store import writing
+
 _NORMAL_COLOUR = "#4c78a8"
 _FLAGGED_COLOUR = "#e45756"
 
@@ -94,7 +96,8 @@ def write_report(
         heatmaps=heatmaps,
     )
     tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(page, encoding="utf-8")
+    with writing(tmp):  # a full disk names the file and leaves no half page behind
+        tmp.write_text(page, encoding="utf-8")
     os.replace(tmp, path)
     return path
 

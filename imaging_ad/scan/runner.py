@@ -16,16 +16,17 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from stat import S_ISREG
 from typing import TYPE_CHECKING, Any
 
 from imaging_ad.inference import Outcome, background_priority
-from imaging_ad.io import ImageRecord
-from imaging_ad.scan.store import HEATMAP_DIR, INVALIDATED_DIR, ResultStore, ScanSettings
+from imaging_ad.io import DEFAULT_MAX_PIXELS, ImageRecord, read_image
+from imaging_ad.scan.store import HEATMAP_DIR, INVALIDATED_DIR, ResultStore, ScanSettings, writing
 
 if TYPE_CHECKING:  # pragma: no cover
     from imaging_ad.detectors import Detector
@@ -145,6 +146,8 @@ def scan(
     detector: Detector | None = None,
     gallery_limit: int = 500,
     dicom_out: str | os.PathLike | None = None,
+    allowed_roots: Sequence[str | os.PathLike] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> ScanSummary:
     """Score every image under ``input_dir`` with the model file ``model``; results go to ``out_dir``.
 
@@ -162,7 +165,9 @@ def scan(
     model already loaded from ``model`` (e.g. by a long-running demo); the file still provides the
     fingerprint. ``dicom_out`` writes DICOM results for the flagged DICOM inputs there (see
     :mod:`imaging_ad.dicom_results`; needs the ``[dicom]`` extra). Unreadable files become rows with an
-    error; exceptions mean the scan could not run, as does a folder without any image file.
+    error; exceptions mean the scan could not run, as does a folder without any image file ``allowed_roots`` (a server's allowed folders): files whose real path lies outside all of
+    them, through a link, are skipped and never read. ``max_pixels``: images whose header declares more
+    are error rows, refused before decoding (a server's per-request memory bound).
     """
     from imaging_ad.detectors import load_detector, read_description
 
@@ -208,7 +213,7 @@ def scan(
     batch_size = int(batch_size or detector.batch_size)
     workers = int(workers or min(4, os.cpu_count() or 1))
 
-    relpaths = [path.relative_to(root).as_posix() for path in discover(root, out)]
+    relpaths = [path.relative_to(root).as_posix() for path in discover(root, out, allowed_roots)]
     if not relpaths:  # before the output folder is touched: an empty scan writes nothing
         raise ScanError(_no_images_message(root))
     settings = ScanSettings(fingerprint, str(root), threshold, heatmaps)
@@ -228,6 +233,7 @@ def scan(
             progress,
             progress_bar,
             dicom_writer,
+            max_pixels,
         )
         start = time.perf_counter()
         runner.run(todo, n_skipped)
@@ -300,7 +306,9 @@ def _dicom_writer(
     )
 
 
-def discover(root: Path, out_dir: Path | None = None) -> list[Path]:
+def discover(
+    root: Path, out_dir: Path | None = None, allowed_roots: Sequence[str | os.PathLike] | None = None
+) -> list[Path]:
     """Image files under ``root`` (sorted, recursively), as the dataset discovery finds them.
 
     Names decide (known image suffixes, or none at all, since DICOM often has none); the reader sniffs
@@ -310,7 +318,7 @@ def discover(root: Path, out_dir: Path | None = None) -> list[Path]:
     from imaging_ad.data import collect_images
 
     excluded = [out_dir / HEATMAP_DIR, out_dir / INVALIDATED_DIR] if out_dir is not None else []
-    found = collect_images(root)
+    found = collect_images(root, confine_to=allowed_roots)
     if excluded:
         found = [p for p in found if not any(p.is_relative_to(e) for e in excluded)]
     return found
@@ -357,6 +365,7 @@ class _Runner:
     progress: Callable[[ScanProgress], None] | None
     progress_bar: bool
     dicom: Any = None  # a DicomResultWriter when the scan writes DICOM results
+    max_pixels: int = DEFAULT_MAX_PIXELS
     n_done: int = 0
     n_flagged: int = 0
     n_errors: int = 0
@@ -409,6 +418,7 @@ class _Runner:
                 workers=self.workers,
                 keep_records=self.heatmaps != "none" or self.dicom is not None,
                 threshold=self.threshold,
+                reader=partial(read_image, max_pixels=self.max_pixels),
             )
             for batch in outcomes:
                 write([(by_path[outcome.path], outcome) for outcome in batch])
@@ -480,7 +490,8 @@ class _Runner:
         except (ValueError, TypeError) as exc:  # an odd pixel layout: keep the score, skip the picture
             log.warning("%s: no overlay (%s)", item.relpath, exc)
             return None
-        save_png(path, image)
+        with writing(path):  # a full disk: the error names the overlay, no 0-byte file is left
+            save_png(path, image)
         self.n_overlays += 1
         return rel
 

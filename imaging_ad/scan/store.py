@@ -14,6 +14,7 @@ settings that give rows their meaning (model fingerprint, input folder, threshol
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import logging
@@ -21,10 +22,13 @@ import math
 import os
 import shutil
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from imaging_ad.io.safe_text import csv_cell
 
 log = logging.getLogger("imaging_ad.scan")
 
@@ -58,6 +62,38 @@ FIELDS = (
 
 class StoreLockedError(RuntimeError):
     """Another scan holds the output folder."""
+
+
+class OutputWriteError(OSError):
+    """An output file of the scan could not be written (disk full, no permission, ...). Names the file;
+    whatever was half-written has been removed, and the rows written before are kept, so running the
+    same scan again resumes."""
+
+    def __init__(self, path: str | os.PathLike, cause: OSError) -> None:
+        super().__init__(cause.errno, cause.strerror or str(cause), str(path))
+
+    def __str__(self) -> str:
+        advice = (
+            "free some space (or choose another --out) and run the same command again to resume"
+            if self.errno in (errno.ENOSPC, errno.EDQUOT)
+            else "fix that and run the same command again to resume"
+        )
+        return f"{self.filename}: cannot be written ({self.strerror}); finished rows are kept: {advice}"
+
+
+@contextmanager
+def writing(path: str | os.PathLike, remove_on_failure: bool = True) -> Iterator[None]:
+    """Around writing ``path``: a failure becomes an :class:`OutputWriteError` naming it, and the file
+    (created or replaced by this write) is removed, so no 0-byte or half file is left behind."""
+    try:
+        yield
+    except OSError as exc:
+        if remove_on_failure:
+            with suppress(OSError):
+                Path(path).unlink(missing_ok=True)
+        if isinstance(exc, OutputWriteError):  # named already, by an inner write
+            raise
+        raise OutputWriteError(path, exc) from exc
 
 
 @dataclass(frozen=True)
@@ -116,7 +152,7 @@ class ResultStore:
         self.invalidated_rows = 0
         self._index: dict[str, _Entry] = {}
         self._lock_handle: io.BufferedWriter | None = None
-        self._jsonl: io.BufferedWriter | None = None
+        self._jsonl: io.FileIO | None = None
         self._csv: io.TextIOWrapper | None = None
         self._csv_writer: csv.DictWriter | None = None
 
@@ -142,13 +178,16 @@ class ResultStore:
         self._write_manifest(None if self.invalidated or not has_results else stored)
         if self.jsonl_path.exists():
             self._compact(keep=None)  # drops a torn last line and duplicates; rebuilds the CSV
-        self._jsonl = open(self.jsonl_path, "ab")  # noqa: SIM115  (held open for the whole scan)
+        # unbuffered: a failed append can be cut back to the last whole row (see append)
+        with writing(self.jsonl_path, remove_on_failure=False):
+            self._jsonl = open(self.jsonl_path, "ab", buffering=0)  # noqa: SIM115  (held open for the whole scan)
         new_csv = not self.csv_path.exists() or self.csv_path.stat().st_size == 0
-        self._csv = open(self.csv_path, "a", newline="", encoding="utf-8", errors=_FS_ERRORS)  # noqa: SIM115
-        self._csv_writer = csv.DictWriter(self._csv, fieldnames=FIELDS, extrasaction="ignore")
-        if new_csv:
-            self._csv_writer.writeheader()
-            self._csv.flush()
+        with writing(self.csv_path, remove_on_failure=False):
+            self._csv = open(self.csv_path, "a", newline="", encoding="utf-8", errors=_FS_ERRORS)  # noqa: SIM115
+            self._csv_writer = csv.DictWriter(self._csv, fieldnames=FIELDS, extrasaction="ignore")
+            if new_csv:
+                self._csv_writer.writeheader()
+                self._csv.flush()
         return self
 
     def _lock(self) -> None:
@@ -229,19 +268,27 @@ class ResultStore:
         rows = [_normalise_row(row) for row in rows]
         if not rows:
             return
-        # ASCII JSON: file names that are not valid UTF-8 survive as \\udcXX escapes
-        lines = [(json.dumps(row) + "\n").encode("ascii") for row in rows]
+        # ASCII JSON: file names that are not valid UTF-8 survive as \\udcXX escapes; strict JSON (no NaN)
+        lines = [(json.dumps(row, allow_nan=False) + "\n").encode("ascii") for row in rows]
         offset = self._jsonl.tell()
-        self._jsonl.write(b"".join(lines))
-        self._jsonl.flush()
-        os.fsync(self._jsonl.fileno())
+        try:
+            _write_all(self._jsonl.fileno(), b"".join(lines))
+            os.fsync(self._jsonl.fileno())
+        except OSError as exc:
+            # cut back to the last whole row (shrinking a file needs no space), so the file stays valid
+            with suppress(OSError):
+                os.ftruncate(self._jsonl.fileno(), offset)
+                os.lseek(self._jsonl.fileno(), offset, os.SEEK_SET)
+            raise OutputWriteError(self.jsonl_path, exc) from exc
         for row, line in zip(rows, lines, strict=True):
             self._index[row["path"]] = _Entry(offset, len(line), int(row["size"]), int(row["mtime_ns"]))
             offset += len(line)
-        for row in rows:
-            self._csv_writer.writerow(_csv_row(row))
-        self._csv.flush()
-        os.fsync(self._csv.fileno())
+        # the CSV is a copy, rebuilt from the JSONL whenever the store opens: a failure here loses nothing
+        with writing(self.csv_path, remove_on_failure=False):
+            for row in rows:
+                self._csv_writer.writerow(_csv_row(row))
+            self._csv.flush()
+            os.fsync(self._csv.fileno())
 
     # -- finishing ------------------------------------------------------------------------------
 
@@ -278,7 +325,10 @@ class ResultStore:
         """Close the result files (``finalize`` does too); the folder lock is kept until :meth:`release`."""
         for handle in (self._jsonl, self._csv):
             if handle is not None and not handle.closed:
-                handle.close()
+                # flushing the CSV's buffer can fail on a full disk; the CSV is rebuilt from the JSONL on
+                # the next open, and the failure that filled the disk has been reported already
+                with suppress(OSError):
+                    handle.close()
         self._jsonl = self._csv = self._csv_writer = None
 
     def release(self) -> None:
@@ -340,27 +390,29 @@ class ResultStore:
             index = {path: entry for path, entry in index.items() if path in keep}
         order = sorted(index)
         new_index: dict[str, _Entry] = {}
-        with open(self.jsonl_path, "rb") as source:
-            jsonl_tmp = self.jsonl_path.with_name(self.jsonl_path.name + ".partial")
-            csv_tmp = self.csv_path.with_name(self.csv_path.name + ".partial")
-            with (
-                open(jsonl_tmp, "wb") as jsonl_out,
-                open(csv_tmp, "w", newline="", encoding="utf-8", errors=_FS_ERRORS) as csv_out,
-            ):
-                writer = csv.DictWriter(csv_out, fieldnames=FIELDS, extrasaction="ignore")
-                writer.writeheader()
-                out_offset = 0
-                for path in order:
-                    entry = index[path]
-                    source.seek(entry.offset)
-                    line = source.read(entry.length)
-                    jsonl_out.write(line)
-                    writer.writerow(_csv_row(json.loads(line)))
-                    new_index[path] = _Entry(out_offset, entry.length, entry.size, entry.mtime_ns)
-                    out_offset += entry.length
-                for handle in (jsonl_out, csv_out):
-                    handle.flush()
-                    os.fsync(handle.fileno())
+        jsonl_tmp = self.jsonl_path.with_name(self.jsonl_path.name + ".partial")
+        csv_tmp = self.csv_path.with_name(self.csv_path.name + ".partial")
+        with (
+            writing(jsonl_tmp),
+            writing(csv_tmp),
+            open(self.jsonl_path, "rb") as source,
+            open(jsonl_tmp, "wb") as jsonl_out,
+            open(csv_tmp, "w", newline="", encoding="utf-8", errors=_FS_ERRORS) as csv_out,
+        ):
+            writer = csv.DictWriter(csv_out, fieldnames=FIELDS, extrasaction="ignore")
+            writer.writeheader()
+            out_offset = 0
+            for path in order:
+                entry = index[path]
+                source.seek(entry.offset)
+                line = source.read(entry.length)
+                jsonl_out.write(line)
+                writer.writerow(_csv_row(json.loads(line)))
+                new_index[path] = _Entry(out_offset, entry.length, entry.size, entry.mtime_ns)
+                out_offset += entry.length
+            for handle in (jsonl_out, csv_out):
+                handle.flush()
+                os.fsync(handle.fileno())
         os.replace(jsonl_tmp, self.jsonl_path)  # the JSONL first: it is the source of truth
         os.replace(csv_tmp, self.csv_path)
         _fsync_dir(self.out_dir)
@@ -397,7 +449,8 @@ def _normalise_row(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _csv_row(row: dict[str, Any]) -> dict[str, Any]:
-    return {key: ("" if row.get(key) is None else row.get(key)) for key in FIELDS}
+    """A row for the CSV copy; file names are outside text, escaped so no cell runs as a formula."""
+    return {key: ("" if row.get(key) is None else csv_cell(row.get(key))) for key in FIELDS}
 
 
 def _count_lines(path: Path) -> int:
@@ -409,12 +462,20 @@ def _count_lines(path: Path) -> int:
 
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "wb") as handle:
+    with writing(tmp), open(tmp, "wb") as handle:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """``os.write`` until every byte is written (a write may be short, e.g. just before a disk fills)."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -28,7 +28,12 @@ def summary_markdown(result: BatchResult) -> str:
 def gallery(result: BatchResult, limit: int = 200) -> list[tuple[str, str]]:
     out = []
     for row in result.rows:
-        if row.get("overlay_abs") and Path(row["overlay_abs"]).is_file():
+        # error rows (unreadable or non-finite) have no normalised score and are left out
+        if (
+            row.get("overlay_abs")
+            and row.get("normalized_score") is not None
+            and Path(row["overlay_abs"]).is_file()
+        ):
             flag = "FLAGGED " if row.get("is_anomaly") else ""
             out.append((row["overlay_abs"], f"{flag}{row['normalized_score']:.2f} · {row['path']}"))
         if len(out) >= limit:
@@ -75,4 +80,4 @@ def build(shared: Shared) -> None:
             raise fail(exc) from exc
         return summary_markdown(result), gallery(result), str(result.csv_path)
 
-    button.click(scan, [files, folder, model], [summary, overlays, csv])
+    button.click(scan, [files, folder, model], [summary, overlays, csv], api_name="do_batch")

@@ -121,7 +121,13 @@ def build(shared: Shared, tab: gr.Tab, inspect: InspectTab) -> None:
         )
 
     outputs = [summary, suggestion_state, fp_gallery, fn_gallery, drift_plot, drift_md]
-    gr.on([tab.select, model.change, threshold.release], analyse, [model, threshold], outputs)
+    gr.on(
+        [tab.select, model.change, threshold.release],
+        analyse,
+        [model, threshold],
+        outputs,
+        api_name="analyse",
+    )
     use_suggestion.click(
         lambda s, t: gr.Slider(value=s) if s is not None else gr.skip(),
         [suggestion_state, threshold],
@@ -147,5 +153,7 @@ def build(shared: Shared, tab: gr.Tab, inspect: InspectTab) -> None:
         return (message, *shared.refreshed_dropdowns())
 
     shared.on_all_tabs_built.append(
-        lambda: extend_button.click(extend, [model], [extend_md, *shared.model_dropdowns])
+        lambda: extend_button.click(
+            extend, [model], [extend_md, *shared.model_dropdowns], api_name="do_extend"
+        )
     )

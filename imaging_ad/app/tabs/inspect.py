@@ -128,6 +128,7 @@ def build(shared: Shared) -> InspectTab:
         inspect,
         [upload, model, model_path, threshold, opacity],
         [state, verdict, overlay_image, heatmap_image, image_facts],
+        api_name="do_inspect",  # the HTTP API's name, kept stable for scripts that call it
     )
     threshold.change(verdict_markdown, [state, threshold], verdict, queue=False, show_progress="hidden")
     opacity.change(render_overlay, [state, opacity], overlay_image, queue=False, show_progress="hidden")

@@ -55,5 +55,10 @@ def build(shared: Shared) -> None:
 
     # every model list is an output: wired once all tabs (and their dropdowns) exist
     shared.on_all_tabs_built.append(
-        lambda: button.click(learn, [files, folder, detector, name, size], [message, *shared.model_dropdowns])
+        lambda: button.click(
+            learn,
+            [files, folder, detector, name, size],
+            [message, *shared.model_dropdowns],
+            api_name="do_learn",
+        )
     )
