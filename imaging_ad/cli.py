@@ -4,6 +4,7 @@ imaging-ad dataset DATA                      what discovery finds
 imaging-ad fit DATA --detector patchcore --out MODEL
 imaging-ad evaluate MODEL DATA [--json PATH] [--plots DIR]
 imaging-ad predict MODEL IMAGE_OR_DIR... [--heatmaps DIR] [--json PATH]
+imaging-ad calibrate MODEL NORMALS... --out MODEL2   thresholds from a new site's normals
 imaging-ad export MODEL --format onnx|torchscript --out PATH   one graph + JSON sidecar
 imaging-ad keygen KEYFILE / imaging-ad sign MODEL --key KEYFILE  authenticity (see imaging_ad.trust)
 imaging-ad info IMAGE...                     what the reader sees in a file
@@ -89,6 +90,15 @@ def _parser() -> argparse.ArgumentParser:
         help="exit 0 even when some inputs could not be scored (default: exit 1 then)",
     )
     p.set_defaults(run=_predict)
+
+    p = sub.add_parser(
+        "calibrate", help="re-set a model's thresholds from a new site's normal images, without refitting"
+    )
+    p.add_argument("model", help="fitted model file (.safetensors)")
+    p.add_argument("normals", nargs="+", help="normal images of the site, or folders of them")
+    p.add_argument("--out", required=True, help="the re-calibrated model file to write (.safetensors)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(run=_calibrate)
 
     p = sub.add_parser("export", help="export a fitted model to ONNX or TorchScript, with a JSON sidecar")
     p.add_argument("model", help="fitted model file (.safetensors)")
@@ -231,11 +241,49 @@ def _fit(args: argparse.Namespace) -> int:
     detector.fit(train, validation_images=validation)
     seconds = time.perf_counter() - start
     path = detector.save(args.out)
-    cal = detector.calibration_
-    print(
-        f"fitted in {seconds:.1f} s; image threshold {cal.image_threshold:.4g} at {cal.target_fpr:.1%} FPR "
-        f"on {cal.n_normal} held-out normals; saved {path}"
+    print(f"fitted in {seconds:.1f} s; saved {path}")
+    _report_calibration(detector.calibration_)
+    return 0
+
+
+def _report_calibration(calibration) -> None:
+    """What the thresholds promise, the warnings, and the training images that look least normal."""
+    print(calibration.describe())
+    for warning in calibration.warnings:
+        print(f"WARNING: {warning}", file=sys.stderr)
+    if calibration.outliers:
+        print("most outlying calibration images (check them for anomalies, other views or scanners):")
+        for name, score in calibration.outliers:
+            print(f"  {score:10.4f}  {name}")
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from imaging_ad.data import collect_images
+    from imaging_ad.detectors import load_detector
+
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise ValueError(
+            f"--out {args.out}: a model is saved as .safetensors; name it {out.with_suffix('.safetensors')}"
+        )
+    images = [
+        image
+        for folder in args.normals
+        for image in (collect_images(Path(folder)) if Path(folder).is_dir() else [Path(folder)])
+    ]
+    if len(images) < 2:
+        raise ValueError(
+            f"found {len(images)} image(s) in {', '.join(args.normals)}: site calibration needs normal images"
+        )
+    detector = load_detector(Path(args.model), device=args.device)
+    _say_trust(args.model)
+    when = time.strftime("%Y-%m-%d")
+    detector.recalibrate(
+        images, source=f"site calibration on {when}: {len(images)} normals from {', '.join(args.normals)}"
     )
+    path = detector.save(out)
+    print(f"re-calibrated {args.model} on {len(images)} site normals; saved {path}")
+    _report_calibration(detector.calibration_)
     return 0
 
 
@@ -269,7 +317,7 @@ def _predict(args: argparse.Namespace) -> int:
     from imaging_ad.export.runtime import is_exported_model, load_exported
     from imaging_ad.inference import stream
     from imaging_ad.io.safe_text import printable
-    from imaging_ad.visualize import overlay, save_png
+    from imaging_ad.visualize import ColourScale, overlay_with_legend, save_png
 
     if is_exported_model(args.model):  # ONNX runs without torch: import no detector code for it
         model = load_exported(args.model, device=args.device)
@@ -295,7 +343,10 @@ def _predict(args: argparse.Namespace) -> int:
             "score": result.score,
             "normalized_score": result.normalized_score,
             "is_anomaly": result.is_anomaly,
+            "verdict": result.verdict,
             "threshold": model.calibration_.image_threshold,
+            "domain_score": result.domain_score,
+            "out_of_domain": list(result.out_of_domain),
             "height": height,
             "width": width,
         }
@@ -303,10 +354,14 @@ def _predict(args: argparse.Namespace) -> int:
             pixels = getattr(outcome.record, "pixels", outcome.record)
             stem = Path(outcome.path).stem
             out = Path(args.heatmaps) / f"{len(rows):05d}_{stem}_heatmap.png"  # stems can repeat
-            row["heatmap"] = str(save_png(out, overlay(pixels, result.heatmap)))
+            picture = overlay_with_legend(pixels, result.heatmap, ColourScale.of(model.calibration_))
+            row["heatmap"] = str(save_png(out, picture))
         rows.append(row)
-        flag = "ANOMALY" if result.is_anomaly else "normal"
-        print(f"{flag:<8} {result.normalized_score:>10.3f}  {result.score:>10.4f}  {printable(outcome.path)}")
+        flag = {"anomalous": "ANOMALY", "normal": "normal", "out of domain": "OUTSIDE"}[result.verdict]
+        line = f"{flag:<8} {result.normalized_score:>10.3f}  {result.score:>10.4f}  {printable(outcome.path)}"
+        if not result.in_domain:  # a confident-looking score on an image the model knows nothing of
+            line += f"  (outside this model's training domain, score not meaningful: {'; '.join(result.out_of_domain)})"
+        print(line)
     errors = [row for row in rows if "error" in row]
     for row in errors:
         print(f"ERROR    {printable(row['error'])}", file=sys.stderr)

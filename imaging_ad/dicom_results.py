@@ -110,12 +110,13 @@ class DicomResultWriter:
         *,
         pixels: np.ndarray | None = None,
         pixel_threshold: float | None = None,
+        pixel_upper: float | None = None,
     ) -> WrittenResult:
         """Write the Secondary Capture (and Parametric Map) for the flagged DICOM image ``source``.
 
         ``heatmap`` is float at the image's (rows, columns); ``pixels`` the image as read (read again
-        from ``source`` when not given); ``pixel_threshold`` is where the colour scale starts (the
-        calibrated pixel threshold: blue is as normal as normal images get).
+        from ``source`` when not given); ``pixel_threshold`` and ``pixel_upper`` are the model's colour
+        scale (blue is as normal as normal images get; the same scale as every other output).
         """
         import pydicom
 
@@ -135,7 +136,9 @@ class DicomResultWriter:
         study_dir.mkdir(parents=True, exist_ok=True)
 
         with _strict_values():
-            capture = self._secondary_capture(ds, pixels, heatmap, score, threshold, pixel_threshold)
+            capture = self._secondary_capture(
+                ds, pixels, heatmap, score, threshold, pixel_threshold, pixel_upper
+            )
             sc_path = study_dir / f"SC_{ds.SOPInstanceUID}.dcm"
             _save(capture, sc_path)
 
@@ -177,6 +180,7 @@ class DicomResultWriter:
         score: float,
         threshold: float,
         pixel_threshold: float | None,
+        pixel_upper: float | None,
     ) -> Any:
         import highdicom as hd
         from pydicom.dataset import Dataset as PydicomDataset
@@ -188,6 +192,7 @@ class DicomResultWriter:
             score=score,
             threshold=threshold,
             pixel_threshold=pixel_threshold,
+            pixel_upper=pixel_upper,
             title=f"imaging_ad {self.model_name}",
         )
         orientation = patient_orientation(ds)
@@ -370,18 +375,22 @@ def capture_picture(
     score: float,
     threshold: float,
     pixel_threshold: float | None = None,
+    pixel_upper: float | None = None,
     title: str = "imaging_ad",
     min_side: int = MIN_CAPTURE_SIDE,
 ) -> np.ndarray:
-    """The overlay with a banner (title, scores, "NOT FOR DIAGNOSTIC USE") and a labelled colour bar,
-    as uint8 RGB; small images are enlarged so that the text stays legible."""
-    from imaging_ad.visualize import heatmap_to_color, overlay
+    """The overlay with a banner (title, scores, "NOT FOR DIAGNOSTIC USE") and the model's labelled colour
+    bar (:func:`imaging_ad.visualize.colour_bar`, the scale of every other output), as uint8 RGB; small
+    images are enlarged so that the text stays legible."""
+    from imaging_ad.visualize import ColourScale, colour_bar, overlay
 
     finite = heatmap[np.isfinite(heatmap)]
     high = float(finite.max()) if finite.size else 1.0
     low = float(finite.min()) if finite.size else 0.0
-    start = low if pixel_threshold is None else min(float(pixel_threshold), high)
-    picture = overlay(pixels, heatmap, vmin=start, vmax=high)
+    start = low if pixel_threshold is None else float(pixel_threshold)
+    top = pixel_upper if pixel_upper is not None and pixel_upper > start else max(high, start + 1e-6)
+    scale = ColourScale(start, float(top))
+    picture = overlay(pixels, heatmap, vmin=scale.low, vmax=scale.high)
     height, width = picture.shape[:2]
     factor = max(1.0, min_side / max(1, min(height, width)))
     if factor > 1.0:
@@ -389,50 +398,18 @@ def capture_picture(
             picture, (round(width * factor), round(height * factor)), interpolation=cv2.INTER_LINEAR
         )
     height, width = picture.shape[:2]
-    unit = max(height, width) / 512  # text and bar scale with the picture
+    unit = max(height, width) / 512  # text scales with the picture
     font, thickness = cv2.FONT_HERSHEY_SIMPLEX, max(1, round(unit * 1.5))
-    text_scale = 0.55 * unit
     line = round(26 * unit)
-
-    banner_lines = [
-        NOT_FOR_DIAGNOSTIC_USE,
-        title,
-        f"image score {score:.4g} > threshold {threshold:.4g}",
-    ]
+    banner_lines = [NOT_FOR_DIAGNOSTIC_USE, title, f"image score {score:.4g} > threshold {threshold:.4g}"]
     banner = np.zeros((line * len(banner_lines) + round(10 * unit), width, 3), np.uint8)
     for i, text in enumerate(banner_lines):
         colour = (255, 80, 80) if i == 0 else (255, 255, 255)
-        cv2.putText(
-            banner, text, (round(8 * unit), line * (i + 1)), font, text_scale, colour, thickness, cv2.LINE_AA
-        )
-
-    bar_width, panel_width = round(24 * unit), round(130 * unit)
-    panel = np.zeros((height, panel_width, 3), np.uint8)
-    top, bottom = round(30 * unit), height - round(30 * unit)
-    gradient = np.linspace(high, start, max(bottom - top, 2), dtype=np.float32)[:, None]
-    colours = heatmap_to_color(np.repeat(gradient, bar_width, axis=1), vmin=start, vmax=high)
-    x0 = round(10 * unit)
-    panel[top : top + colours.shape[0], x0 : x0 + bar_width] = colours
-    cv2.putText(
-        panel,
-        "pixel score",
-        (x0, round(20 * unit)),
-        font,
-        text_scale * 0.8,
-        (255, 255, 255),
-        thickness,
-        cv2.LINE_AA,
-    )
-    for value, y in ((high, top), ((start + high) / 2, (top + bottom) // 2), (start, bottom)):
-        cv2.line(
-            panel, (x0 + bar_width, y), (x0 + bar_width + round(5 * unit), y), (255, 255, 255), thickness
-        )
-        label_at = (x0 + bar_width + round(8 * unit), y + round(5 * unit))
-        cv2.putText(
-            panel, f"{value:.3g}", label_at, font, text_scale * 0.8, (255, 255, 255), thickness, cv2.LINE_AA
-        )
+        at = (round(8 * unit), line * (i + 1))
+        cv2.putText(banner, text, at, font, 0.55 * unit, colour, thickness, cv2.LINE_AA)
+    panel = colour_bar(height, scale)
     body = np.concatenate([picture, panel], axis=1)
-    banner = np.pad(banner, ((0, 0), (0, panel_width), (0, 0)))
+    banner = np.pad(banner, ((0, 0), (0, panel.shape[1]), (0, 0)))
     return np.ascontiguousarray(np.concatenate([banner, body], axis=0))
 
 

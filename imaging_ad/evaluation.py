@@ -12,6 +12,7 @@ import numpy as np
 from imaging_ad.data import Dataset
 from imaging_ad.detectors import AnomalyResult, Detector
 from imaging_ad.metrics import evaluation_report, save_curves
+from imaging_ad.visualize import ColourScale, colour_bar
 
 
 @dataclass
@@ -19,6 +20,7 @@ class Evaluation:
     report: dict
     results: list[AnomalyResult] = field(repr=False)
     images_per_second: float = 0.0
+    colour_scale: ColourScale | None = None  # the model's, for the example overlays
 
 
 def evaluate(detector: Detector, dataset: Dataset, fpr_limit: float = 0.3) -> Evaluation:
@@ -57,7 +59,9 @@ def evaluate(detector: Detector, dataset: Dataset, fpr_limit: float = 0.3) -> Ev
     report["calibration_target_fpr"] = detector.calibration_.target_fpr
     report["images_per_second"] = images_per_second
     report["detector"] = detector.name
-    return Evaluation(report=report, results=results, images_per_second=images_per_second)
+    report["out_of_domain"] = sum(not r.in_domain for r in results)  # test images the guard calls foreign
+    scale = ColourScale.of(detector.calibration_)
+    return Evaluation(report=report, results=results, images_per_second=images_per_second, colour_scale=scale)
 
 
 def format_metrics(report: dict) -> str:
@@ -86,7 +90,12 @@ def format_metrics(report: dict) -> str:
         )
         lines.append(f"at {source}:")
         for key in ("precision", "recall", "f1", "false_positive_rate"):
-            lines.append(f"{key:>18}: {value(key)}")
+            line = f"{key:>18}: {value(key)}"
+            if key == "false_positive_rate" and fpr is not None:
+                line += f" on this test set's normals (the target was {fpr:.1%})"
+            if key == "recall" and report.get("best_recall_at_this_fpr") is not None:
+                line += f" (the best any threshold reaches at this false-positive rate: {value('best_recall_at_this_fpr')})"
+            lines.append(line)
     return "\n".join(lines)
 
 
@@ -112,9 +121,11 @@ def save_plots(
     picks += [i for i in order if dataset.test[i].label == 0][:n_examples]
     for rank, index in enumerate(picks):
         sample, result = dataset.test[index], evaluation.results[index]
-        image = overlay(read_image(sample.path).pixels, result.heatmap)
+        scale = evaluation.colour_scale
+        image = overlay(read_image(sample.path).pixels, result.heatmap, vmin=scale.low, vmax=scale.high)
         if sample.mask_path is not None:
             image = contour_mask(image, dataset.load_mask(sample, result.heatmap.shape))
+        image = np.concatenate([image, colour_bar(image.shape[0], scale)], axis=1)
         name = f"{rank:02d}_{sample.category}_{result.score:.3g}_{sample.path.stem}.png"
         written.append(save_png(out / "examples" / name, image))
     return written

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from imaging_ad.calibration import Calibration
+from imaging_ad.domain import ImageFacts, domain_verdict
 from imaging_ad.io import ImageReadError, ImageRecord
 from imaging_ad.io.items import ImageInput, item_path, to_record
 from imaging_ad.preprocess import Preprocessor
@@ -56,6 +57,7 @@ class Outcome:
     image: np.ndarray | None = None  # (3, S, S) float32, until scored
     size: tuple[int, int] | None = None  # original (height, width)
     record: ImageRecord | np.ndarray | None = None  # the pixels, when asked to keep them
+    facts: ImageFacts | None = None  # colour content, bit depth, modality: for the out-of-domain guard
     result: AnomalyResult | None = None
     reason: str | None = None  # why there is no result, without the file's name
     error_code: str | None = None
@@ -99,6 +101,7 @@ def load(
     except Exception as exc:  # noqa: BLE001  (one bad file must never stop the others: odd pixel layouts...)
         return outcome.fail(f"{type(exc).__name__}: {exc}", "preprocess_failed", exc)
     outcome.size = record.meta.size if isinstance(record, ImageRecord) else tuple(record.shape[:2])
+    outcome.facts = ImageFacts.of(record)
     outcome.record = record if keep_record else None
     return outcome
 
@@ -179,22 +182,28 @@ def stream_batches(
     for batch in batches(loaded, size):
         readable = [entry for entry in batch if entry.ok]
         if readable:
-            scores, heatmaps = model.score_batch(stacked(batch))
+            scores, heatmaps, *guard = model.score_batch(stacked(batch))
+            distances = guard[0] if guard and guard[0] is not None else [None] * len(readable)
             normalized = calibration.normalize(scores)
             problems = non_finite_errors(scores, heatmaps)  # a NaN score or map: an error, never a verdict
-            for entry, score, norm, heatmap, problem in zip(
-                readable, scores, normalized, heatmaps, problems, strict=True
+            for entry, score, norm, heatmap, problem, distance in zip(
+                readable, scores, normalized, heatmaps, problems, distances, strict=True
             ):
                 entry.image = None
                 if problem is not None:
                     entry.fail(problem, NON_FINITE_CODE)
                     continue
+                domain_score, outside = domain_verdict(
+                    distance, calibration.domain_threshold, entry.facts, calibration.training_facts
+                )
                 entry.result = AnomalyResult(
                     float(score),
                     float(norm),
                     bool(score > threshold),
                     _to_original(preprocessor, heatmap, entry.size),
                     entry.path,
+                    domain_score=domain_score,
+                    out_of_domain=outside,
                 )
         yield batch
 

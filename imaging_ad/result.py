@@ -25,7 +25,16 @@ class AnomalyResult:
     When ``error`` is set there is no verdict: ``is_anomaly`` is None, the scores are NaN and the heatmap
     is None; ``error`` says why (e.g. the model's score for this image was NaN)."""
 
-    __slots__ = ("score", "normalized_score", "is_anomaly", "path", "error", "_heatmap")
+    __slots__ = (
+        "score",
+        "normalized_score",
+        "is_anomaly",
+        "path",
+        "error",
+        "domain_score",
+        "out_of_domain",
+        "_heatmap",
+    )
 
     def __init__(
         self,
@@ -35,12 +44,20 @@ class AnomalyResult:
         heatmap: np.ndarray | Callable[[], np.ndarray] | None,
         path: str | None = None,
         error: str | None = None,
+        *,
+        domain_score: float | None = None,
+        out_of_domain: tuple[str, ...] = (),
     ) -> None:
         self.score = score
         self.normalized_score = normalized_score
         self.is_anomaly = is_anomaly
         self.path = path
         self.error = error
+        #: the out-of-domain guard's feature distance over its threshold (above 1: unlike the training
+        #: images); None for models without a guard
+        self.domain_score = domain_score
+        #: why the image is not the kind the model was trained on (empty: it is, as far as the guard sees)
+        self.out_of_domain = tuple(out_of_domain)
         self._heatmap = heatmap
 
     @property
@@ -53,6 +70,21 @@ class AnomalyResult:
     def ok(self) -> bool:
         """True when this result holds a verdict."""
         return self.error is None
+
+    @property
+    def in_domain(self) -> bool:
+        """False when the out-of-domain guard says the image is unlike the training images: its score is
+        then not meaningful, whatever its value."""
+        return not self.out_of_domain
+
+    @property
+    def verdict(self) -> str:
+        """``"anomalous"``, ``"normal"``, ``"out of domain"`` (the score means nothing) or ``"error"``."""
+        if not self.ok:
+            return "error"
+        if not self.in_domain:
+            return "out of domain"
+        return "anomalous" if self.is_anomaly else "normal"
 
     def anomaly_mask(self, pixel_threshold: float) -> np.ndarray:
         if self.heatmap is None:
@@ -67,9 +99,8 @@ class AnomalyResult:
     def __repr__(self) -> str:
         if not self.ok:
             return f"AnomalyResult(error={self.error!r}, path={self.path!r})"
-        verdict = "anomalous" if self.is_anomaly else "normal"
         return (
-            f"AnomalyResult({verdict}, score={self.score:.4g}, normalized_score={self.normalized_score:.3f}, "
+            f"AnomalyResult({self.verdict}, score={self.score:.4g}, normalized_score={self.normalized_score:.3f}, "
             f"path={self.path!r})"
         )
 

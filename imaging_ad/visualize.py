@@ -2,12 +2,20 @@
 
 Pure OpenCV + NumPy (no matplotlib) so that the web demo and batch export stay light. Every function
 returns a new uint8 RGB array and never modifies its inputs.
+
+One colour scale: every output (predict and scan overlays, the scan report, evaluation examples, the
+demo, the notebooks) colours a model's heatmaps with its :class:`ColourScale`, anchored at the
+calibrated pixel threshold (blue: as normal as normal images get) and the upper reference the model
+stores (red), and shows it with :func:`colour_bar`. The same heatmap value is the same colour
+everywhere, so a normal image never looks redder than a broken one.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -18,6 +26,25 @@ from imaging_ad.metrics.pixel import binarize_mask
 # Display window for images that are not already 8-bit: a 0.5-99.5 % percentile stretch keeps a few
 # hot/dead pixels (or a large black border) from flattening the contrast of 12/16-bit radiographs.
 DISPLAY_PERCENTILES = (0.5, 99.5)
+
+
+@dataclass(frozen=True)
+class ColourScale:
+    """Heatmap values from ``low`` (the bottom colour: the calibrated pixel threshold) to ``high`` (the top
+    colour: the model's upper reference)."""
+
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, calibration: Any) -> ColourScale:
+        """The scale of a model's :class:`~imaging_ad.calibration.Calibration`. Models saved before the
+        upper reference existed get twice the pixel threshold's distance from zero."""
+        low = float(calibration.pixel_threshold)
+        high = getattr(calibration, "pixel_upper", None)
+        if high is None or not high > low:
+            high = low + max(abs(low), 1e-6)
+        return cls(low, float(high))
 
 
 def to_display_rgb(image: ArrayLike) -> np.ndarray:
@@ -100,6 +127,44 @@ def overlay(
         h = cv2.resize(h.astype(np.float32, copy=False), (width, height), interpolation=cv2.INTER_LINEAR)
     color = heatmap_to_color(h, vmin=vmin, vmax=vmax, colormap=colormap)
     return cv2.addWeighted(base, 1.0 - alpha, color, alpha, 0.0)
+
+
+def overlay_with_legend(
+    image: ArrayLike, heatmap: ArrayLike, scale: ColourScale, alpha: float = 0.5
+) -> np.ndarray:
+    """:func:`overlay` on the model's :class:`ColourScale`, with its :func:`colour_bar` to the right."""
+    picture = overlay(image, heatmap, alpha=alpha, vmin=scale.low, vmax=scale.high)
+    return np.ascontiguousarray(np.concatenate([picture, colour_bar(picture.shape[0], scale)], axis=1))
+
+
+def colour_bar(height: int, scale: ColourScale, title: str = "anomaly") -> np.ndarray:
+    """A labelled vertical colour bar of ``scale``, ``height`` pixels tall, as uint8 RGB on black: the top
+    value, the middle and the bottom one (the pixel threshold, marked "normal")."""
+    unit = max(height, 160) / 512  # text and bar scale with the picture, legible on small ones
+    font, thickness = cv2.FONT_HERSHEY_SIMPLEX, max(1, round(unit * 1.5))
+    text_scale = 0.45 * unit
+    bar_width, panel_width = round(20 * unit), round(110 * unit)
+    panel = np.zeros((max(height, 1), panel_width, 3), np.uint8)
+    top, bottom = round(26 * unit), max(height - round(16 * unit), round(26 * unit) + 2)
+    if bottom > height:  # a very flat picture: no room for a bar
+        return panel
+    gradient = np.linspace(scale.high, scale.low, bottom - top, dtype=np.float32)[:, None]
+    x0 = round(8 * unit)
+    panel[top:bottom, x0 : x0 + bar_width] = heatmap_to_color(
+        np.repeat(gradient, bar_width, axis=1), vmin=scale.low, vmax=scale.high
+    )
+    white = (255, 255, 255)
+    cv2.putText(panel, title, (x0, round(18 * unit)), font, text_scale, white, thickness, cv2.LINE_AA)
+    marks = (
+        (scale.high, top, ""),
+        ((scale.low + scale.high) / 2, (top + bottom) // 2, ""),
+        (scale.low, bottom - 1, " normal"),
+    )
+    for value, y, note in marks:
+        cv2.line(panel, (x0 + bar_width, y), (x0 + bar_width + round(4 * unit), y), white, thickness)
+        at = (x0 + bar_width + round(6 * unit), y + round(4 * unit))
+        cv2.putText(panel, f"{value:.3g}{note}", at, font, text_scale * 0.8, white, thickness, cv2.LINE_AA)
+    return panel
 
 
 def contour_mask(

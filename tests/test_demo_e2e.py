@@ -160,7 +160,8 @@ def test_demo_in_a_browser(tmp_path: Path) -> None:
                 assert "Verdict: ANOMALOUS" in page.inner_text("#inspect-result")
                 for selector in ("#inspect-heatmap img", "#inspect-overlay img"):
                     size = page.eval_on_selector(selector, "img => [img.naturalWidth, img.naturalHeight]")
-                    assert size == [224, 224], (selector, size)
+                    # the picture at the image's size, the colour bar beside it
+                    assert size[1] == 224 and size[0] > 224, (selector, size)
                 # the threshold slider changes the verdict without running the model again
                 slider_box = page.locator("#inspect-threshold input[type=number]")
                 slider_box.fill("0.99")

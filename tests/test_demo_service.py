@@ -211,3 +211,20 @@ def test_review_export_writes_dicom_results_for_flagged_dicom(service: DemoServi
             service.store.record_verdict(queued.id, "normal", "tester")
     with pytest.raises(ValueError, match="no flagged DICOM images"):
         service.export_dicom()
+
+
+def test_site_calibration_in_the_improve_tab_makes_a_new_version(tmp_path: Path) -> None:
+    from imaging_ad.detectors import load_detector
+
+    service = DemoService(DemoConfig(data_dir=tmp_path / "data", device="cpu"))  # a queue of its own
+    entry = service.resolve_model()
+    with pytest.raises(ValueError, match="at least 2"):
+        service.recalibrate(entry)
+    for example in EXAMPLES[:3]:
+        item = service.inspect(example)
+        service.store.record_verdict(item.item_id, "normal", "tester")
+    path, calibration = service.recalibrate(entry)
+    assert calibration.method == "site calibration" and calibration.n_normal == 3
+    assert "demo" in calibration.source and any("cannot support" in w for w in calibration.warnings)
+    assert load_detector(path, device="cpu").calibration_ == calibration
+    assert path.name in [m.path.name for m in service.models()]

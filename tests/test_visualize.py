@@ -115,3 +115,60 @@ def test_save_png_round_trip_creates_parents(tmp_path):
     )
     with pytest.raises(ValueError):
         save_png(tmp_path / "f.png", rgb.astype(np.float32))
+
+
+def test_one_heatmap_value_gets_one_colour_in_every_output(tmp_path):
+    """Predict overlays, scan overlays, evaluation examples and the demo draw a model's heatmaps on its one
+    colour scale (the calibrated pixel threshold to the model's upper reference), with its colour bar: the
+    same image gives the same picture everywhere, and a value's colour is the scale's."""
+    import warnings
+
+    from imaging_ad.app.config import DemoConfig
+    from imaging_ad.app.service import DemoService
+    from imaging_ad.cli import main
+    from imaging_ad.data import discover_dataset
+    from imaging_ad.detectors import create_detector
+    from imaging_ad.evaluation import evaluate, save_plots
+    from imaging_ad.scan import scan
+    from imaging_ad.visualize import ColourScale, colour_bar
+    from tests.synthetic import make_texture_dataset
+
+    data = make_texture_dataset(tmp_path / "data", n_train=16, n_good=1, n_bad=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 16 normals cannot support 1 %: known and warned elsewhere
+        detector = create_detector("padim", image_size=64, batch_size=8, progress=False).fit(
+            discover_dataset(data).train
+        )
+    model = detector.save(tmp_path / "allowed" / "model.safetensors")
+    image = data / "test" / "good" / "000.png"
+    scale = ColourScale.of(detector.calibration_)
+    assert scale.low == detector.calibration_.pixel_threshold and scale.high > scale.low
+
+    assert (
+        main(["predict", str(model), str(image), "--heatmaps", str(tmp_path / "predict"), "--device", "cpu"])
+        == 0
+    )
+    predicted = next((tmp_path / "predict").glob("*.png"))
+    scan(data / "test" / "good", model, tmp_path / "scan", heatmaps="all", device="cpu")
+    scanned = next((tmp_path / "scan" / "heatmaps").glob("000*.png"))
+    evaluation = evaluate(detector, discover_dataset(data))
+    save_plots(evaluation, discover_dataset(data), tmp_path / "plots")
+    examples = sorted((tmp_path / "plots" / "examples").glob("*_good_*.png"))
+    service = DemoService(
+        DemoConfig(data_dir=tmp_path / "demo", allowed_roots=[tmp_path / "allowed"], device="cpu")
+    )
+    inspected = service.inspect(image, model_path=str(model))
+    demo_overlay = service.store.item(inspected.item_id).overlay_path
+
+    pictures = [cv2.imread(str(p))[..., ::-1] for p in (predicted, scanned, examples[0], demo_overlay)]
+    for picture in pictures[1:]:
+        np.testing.assert_array_equal(picture, pictures[0])
+    height, width = cv2.imread(str(image)).shape[:2]
+    assert pictures[0].shape[:2] == (height, width + colour_bar(height, scale).shape[1])  # the bar beside
+    np.testing.assert_array_equal(pictures[0][:, width:], colour_bar(height, scale))
+    # a value of the heatmap, its colour on the scale, blended half and half over the image
+    heatmap = detector.predict([str(image)])[0].heatmap
+    y, x = np.unravel_index(np.argmax(heatmap), heatmap.shape)
+    expected = heatmap_to_color(heatmap[y : y + 1, x : x + 1], vmin=scale.low, vmax=scale.high)[0, 0]
+    grey = cv2.imread(str(image), cv2.IMREAD_GRAYSCALE)[y, x]
+    np.testing.assert_allclose(pictures[0][y, x], 0.5 * expected + 0.5 * grey, atol=1.5)

@@ -4,7 +4,6 @@ recent scores."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +23,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 def raw_threshold(calibration: Calibration, normalized: float) -> float:
     """The raw score whose normalised score is ``normalized`` (inverse of ``Calibration.normalize``)."""
-    p = min(max(float(normalized), 1e-9), 1 - 1e-9)
-    return calibration.image_threshold + calibration.score_scale * math.log(p / (1 - p))
+    return calibration.raw_score(normalized)
 
 
 def normalized_threshold(calibration: Calibration, raw: float) -> float:

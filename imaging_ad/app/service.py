@@ -12,6 +12,7 @@ import os
 import secrets
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -57,6 +58,9 @@ class InspectResult:
     model_sha: str
     item_id: int
     model_seconds: float  # read + predict, the library call
+    calibration: Any = None  # the model's Calibration (thresholds, colour scale, what they promise)
+    domain_score: float | None = None  # the out-of-domain guard's distance over its threshold
+    out_of_domain: tuple[str, ...] = ()  # why the image is unlike the training images (empty: it is not)
 
     def is_anomaly(self, normalized_threshold: float = 0.5) -> bool:
         return self.normalized_score > normalized_threshold
@@ -217,7 +221,7 @@ class DemoService:
         self, upload: str | os.PathLike, model_label: str | None = None, model_path: str | None = None
     ) -> InspectResult:
         """Score one uploaded image with the chosen model and put it in the review queue."""
-        from imaging_ad.visualize import overlay, save_png, to_display_rgb
+        from imaging_ad.visualize import ColourScale, overlay_with_legend, save_png, to_display_rgb
 
         entry = self.resolve_model(model_label, model_path)
         detector = self.detector(entry)
@@ -234,7 +238,7 @@ class DemoService:
         display = to_display_rgb(record.pixels)
         sha = fingerprint(entry.path)
         overlay_path = self.config.media_dir / "overlays" / f"{stored.stem}_{sha[:12]}.png"
-        save_png(overlay_path, overlay(display, result.heatmap, vmin=calibration.pixel_threshold))
+        save_png(overlay_path, overlay_with_legend(display, result.heatmap, ColourScale.of(calibration)))
         item_id = self.store.add_item(
             NewItem(
                 image_path=str(stored),
@@ -266,6 +270,9 @@ class DemoService:
             model_sha=sha,
             item_id=item_id,
             model_seconds=model_seconds,
+            calibration=calibration,
+            domain_score=result.domain_score,
+            out_of_domain=result.out_of_domain,
         )
 
     # -- inputs for batch and learn -------------------------------------------------------------------
@@ -528,6 +535,7 @@ class DemoService:
                     calibration.image_threshold,
                     pixels=record.pixels,
                     pixel_threshold=calibration.pixel_threshold,
+                    pixel_upper=calibration.pixel_upper,
                 )
                 done += 1
                 if progress is not None:
@@ -554,17 +562,42 @@ class DemoService:
                 return candidate
         raise ValueError("too many versions")
 
-    def add_normals_to_bank(self, entry: ModelEntry) -> feedback.BankExtension:
-        """A new version of a PatchCore model with the images reviewed as normal in its memory bank and its
-        thresholds recalibrated (see :func:`feedback.extend_patchcore_bank`)."""
-        sha = fingerprint(entry.path)
-        normals = [i for i in self.store.labelled(sha) if i.verdict == "normal"]
-        readable = [
+    def recalibrate(self, entry: ModelEntry) -> tuple[Path, Any]:
+        """A new version of a model re-calibrated on the images reviewed as normal (site calibration: the
+        thresholds and the out-of-domain guard learn this site's normals, no refit). Returns (path,
+        calibration)."""
+        from imaging_ad.detectors import load_detector
+
+        readable = self._reviewed_normals(entry)
+        if len(readable) < 2:
+            raise ValueError(
+                f"{len(readable)} image(s) reviewed as normal for {entry.name}: re-calibration needs at least 2"
+            )
+        detector = load_detector(entry.path, device=self.config.device, trust=self.trust_policy())
+        detector.progress = False
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the calibration's own warnings are shown on the page
+            detector.recalibrate(
+                readable, source=f"site calibration in the demo: {len(readable)} reviewed normals"
+            )
+        path = detector.save(self.next_version_path(entry))
+        self._remember_own_model(path)
+        return path, detector.calibration_
+
+    def _reviewed_normals(self, entry: ModelEntry) -> list[str]:
+        """Images reviewed as normal for the model that are still readable inside the allowed folders."""
+        normals = [i for i in self.store.labelled(fingerprint(entry.path)) if i.verdict == "normal"]
+        return [
             i.image_path
             for i in normals
             if any(is_within(i.image_path, r) for r in [self.config.media_dir, *self.config.allowed_roots])
             and Path(i.image_path).is_file()
         ]
+
+    def add_normals_to_bank(self, entry: ModelEntry) -> feedback.BankExtension:
+        """A new version of a PatchCore model with the images reviewed as normal in its memory bank and its
+        thresholds recalibrated (see :func:`feedback.extend_patchcore_bank`)."""
+        readable = self._reviewed_normals(entry)
         if not readable:
             raise ValueError(f"no images reviewed as normal for {entry.name} (that are still readable)")
         extension = feedback.extend_patchcore_bank(

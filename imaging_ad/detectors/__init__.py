@@ -7,7 +7,7 @@ framework modules below and the ``components`` subpackage (shared building block
 import importlib
 import pkgutil
 
-from imaging_ad.detectors.base import Detector
+from imaging_ad.detectors.base import CalibrationWarning, Detector
 from imaging_ad.detectors.params import ParameterError
 from imaging_ad.detectors.persistence import ModelFileError, read_description
 from imaging_ad.detectors.registry import (
@@ -28,6 +28,7 @@ for _module in pkgutil.iter_modules(__path__):
 __all__ = [
     "DETECTORS",
     "AnomalyResult",
+    "CalibrationWarning",
     "Detector",
     "ModelFileError",
     "ParameterError",

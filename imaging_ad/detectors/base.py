@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -26,19 +28,35 @@ from tqdm.auto import tqdm
 from imaging_ad.backbones import DEFAULT_BACKBONE, FeatureExtractor, create_backbone, feature_reductions
 from imaging_ad.calibration import Calibration, calibrate
 from imaging_ad.detectors import persistence
+from imaging_ad.detectors.components.domain_guard import (
+    DomainGuard,
+    FitRecorder,
+    guard_positions,
+    leave_one_out_threshold,
+)
+from imaging_ad.detectors.components.feature_cache import FeatureCache
 from imaging_ad.detectors.components.smoothing import HeatmapSmoothing
 from imaging_ad.detectors.params import Interval, OneOf, constructor_parameters, validate_params
 from imaging_ad.devices import resolve_device
+from imaging_ad.domain import ImageFacts, TrainingFacts
 from imaging_ad.inference import Outcome, Transform, batches, predict_all, read_ahead, stacked
-from imaging_ad.io.items import ImageInput
+from imaging_ad.io.items import ImageInput, item_path
 from imaging_ad.preprocess import ASPECT_MODES, INTENSITY_MODES, Preprocessor
 from imaging_ad.result import AnomalyResult
 
 # Enough normal pixels for a stable 99th percentile without keeping whole heatmaps.
 _PIXELS_PER_CALIBRATION_IMAGE = 4096
+# The model-file key of the out-of-domain guard's training vectors.
+_GUARD_KEY = "domain_guard.reference"
+# Training images' features kept from the fit's pass for cross-fitted calibration (the rest are read again).
+_CALIBRATION_CACHE_BYTES = 512 * 2**20
 
 #: a held-out batch's outputs, as a detector's ``held_out_evidence`` returns them
 Evidence = Any
+
+
+class CalibrationWarning(UserWarning):
+    """The normal images cannot support the promised false-positive rate, or a few of them stand out."""
 
 
 class Detector(ABC):
@@ -55,7 +73,9 @@ class Detector(ABC):
     target_fpr
         false-positive rate on normal images that the image threshold aims at (default 1%).
     holdout_fraction
-        share of the normal images kept aside to set thresholds (when no ``validation_images`` are given).
+        share of the normal images kept aside to set thresholds, for detectors that do not cross-fit.
+    max_calibration_images
+        most training images whose cross-fitted scores set the thresholds (an even random sample beyond).
     blur_sigma
         Gaussian smoothing of heatmaps, in model-input pixels (0 disables it).
     batch_size, num_workers, device, seed, progress
@@ -66,6 +86,11 @@ class Detector(ABC):
     name: ClassVar[str]
     #: layers of the backbone this detector reads, chosen by stride (output reduction)
     feature_strides: ClassVar[tuple[int, ...]] = (8, 16)
+    #: how calibration scores of the training images are made without each image (e.g. "leave-one-out");
+    #: None: a held-out split of the normal images sets the thresholds instead
+    cross_fitting: ClassVar[str | None] = None
+    #: whether the out-of-domain guard compares deep features (detectors of raw pixels check image facts only)
+    guards_features: ClassVar[bool] = True
     #: whether the head is a fixed tensor graph that ONNX and TorchScript can hold
     exportable: ClassVar[bool] = True
     #: ranges and choices of hyperparameters; types come from the constructors' annotations
@@ -78,6 +103,7 @@ class Detector(ABC):
         "blur_sigma": Interval(0, None),
         "batch_size": Interval(1, None),
         "num_workers": Interval(0, 64),
+        "max_calibration_images": Interval(3, None),
     }
 
     def __init__(
@@ -92,6 +118,7 @@ class Detector(ABC):
         intensity: str = "robust",
         target_fpr: float = 0.01,
         holdout_fraction: float = 0.1,
+        max_calibration_images: int = 2000,
         blur_sigma: float = 4.0,
         batch_size: int = 16,
         num_workers: int = 0,
@@ -108,6 +135,7 @@ class Detector(ABC):
         self.intensity = intensity
         self.target_fpr = target_fpr
         self.holdout_fraction = holdout_fraction
+        self.max_calibration_images = max_calibration_images
         self.blur_sigma = blur_sigma
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -118,6 +146,7 @@ class Detector(ABC):
         self.preprocessor_: Preprocessor | None = None
         self.calibration_: Calibration | None = None
         self.head_: nn.Module | None = None
+        self.domain_guard_: DomainGuard | None = None
         self._smoothing: dict[tuple[int, int], HeatmapSmoothing] = {}
 
     # -- what a detector says about itself ------------------------------------------------------
@@ -151,6 +180,11 @@ class Detector(ABC):
         Detectors that learn from held-out normals too (PatchCore's per-position statistics) return more."""
         with torch.inference_mode():
             return self.head_(features)
+
+    def cross_fitted_evidence(self, features: list[torch.Tensor], positions: list[int]) -> Evidence:
+        """:meth:`held_out_evidence` for training images (at ``positions`` of the fit's list), each scored by
+        the detector as if fitted without it. Detectors with a :attr:`cross_fitting` method implement it."""
+        raise NotImplementedError(f"{type(self).__name__} does not cross-fit its calibration")
 
     def learn_from_held_out(self, evidence: list[Evidence]) -> tuple[torch.Tensor, torch.Tensor]:
         """Learn what the held-out normals teach (nothing by default) and return their calibration image
@@ -196,32 +230,110 @@ class Detector(ABC):
     def fit(
         self, normal_images: Sequence[ImageInput], validation_images: Sequence[ImageInput] | None = None
     ) -> Detector:
-        """Learn from normal images. Part of them (``holdout_fraction``) is kept aside to set thresholds,
-        unless ``validation_images`` (also normal) are given."""
+        """Learn from normal images and set the thresholds.
+
+        Detectors that cross-fit (:attr:`cross_fitting`) learn from every image and calibrate on every image's
+        score made without that image (up to ``max_calibration_images`` of them), so the threshold rests on
+        as many normals as were given. The others keep ``holdout_fraction`` of the images aside for it.
+        ``validation_images`` (also normal) replace either: the detector learns from all ``normal_images``
+        and calibrates on those."""
         self.validate_params()
         images = list(normal_images)
+        if not images:
+            raise ValueError("fit needs at least one normal training image")
+        source = f"{len(images)} training normals"
+        positions = guard_positions(self.feature_strides)
         if validation_images is not None:
-            train, held_out = images, list(validation_images)
+            held_out = list(validation_images)
+            self._setup()
+            recorder = FitRecorder(positions)
+            self.learn(images, recorder)
+            calibration = self._calibrate(
+                held_out, "separate validation images", f"{len(held_out)} validation normals"
+            )
+        elif self.cross_fitting is not None:
+            if len(images) < 3:
+                raise ValueError(f"{len(images)} normal image(s): cross-fitted calibration needs at least 3")
+            chosen = self._calibration_choice(len(images))
+            recorder = FitRecorder(positions, FeatureCache(chosen, _CALIBRATION_CACHE_BYTES))
+            self._setup()
+            self.learn(images, recorder)
+            calibration = self._cross_fitted_calibration(images, chosen, recorder.cache, source)
         else:
             train, held_out = self._split_holdout(images)
-        if len(train) < 1:
-            raise ValueError("fit needs at least one normal training image")
-        if len(held_out) < 2:
-            raise ValueError("calibration needs at least two held-out normal images (holdout_fraction > 0)")
-        self._setup()
-        self.learn(train)
-        self.calibration_ = self._calibrate(held_out)
+            if len(held_out) < 2:
+                raise ValueError(
+                    "calibration needs at least two held-out normal images (holdout_fraction > 0)"
+                )
+            self._setup()
+            recorder = FitRecorder(positions)
+            self.learn(train, recorder)
+            calibration = self._calibrate(held_out, f"held-out split ({self.holdout_fraction:.0%})", source)
+        self.calibration_ = self._with_domain_guard(
+            calibration, recorder.reference(self.max_calibration_images, self.seed), recorder.facts
+        )
+        self.release_fit_state()
+        self._warn_about_calibration()
         return self
 
-    def learn(self, images: list[ImageInput]) -> None:
-        """Learn from the training images (calibration images already set aside): one streamed pass of
-        feature batches through ``begin_fit`` / ``partial_fit`` / ``end_fit``; detectors that train a
-        network over several epochs override this."""
+    def recalibrate(self, normal_images: Sequence[ImageInput], source: str | None = None) -> Calibration:
+        """Re-set the thresholds, what the detector learns from held-out normals (PatchCore's per-position
+        statistics) and the out-of-domain guard from normal images it was not fitted on, such as a new
+        site's, without refitting: the guard then knows the site's images besides the training images.
+        ``source`` says where they came from (saved with the model)."""
+        self._check_fitted()
+        images = list(normal_images)
+        if len(images) < 2:
+            raise ValueError("re-calibration needs at least two normal images")
+        recorder = FitRecorder(guard_positions(self.feature_strides))
+        calibration = self._calibrate(
+            images, "site calibration", source or f"{len(images)} normals", recorder
+        )
+        reference = recorder.reference(self.max_calibration_images, self.seed)
+        if self.domain_guard_ is not None:
+            reference = torch.cat([self.domain_guard_.reference.cpu(), reference])
+        training = self.calibration_.training_facts
+        self.calibration_ = self._with_domain_guard(calibration, reference, recorder.facts, training)
+        self._warn_about_calibration()
+        return self.calibration_
+
+    def _with_domain_guard(
+        self,
+        calibration: Calibration,
+        reference: torch.Tensor,
+        facts: list[ImageFacts],
+        earlier: TrainingFacts | None = None,
+    ) -> Calibration:
+        """Build the out-of-domain guard from the recorded training vectors and facts (see
+        :mod:`imaging_ad.domain`) and put its threshold and the facts into the calibration."""
+        training = TrainingFacts.of(facts)
+        if earlier is not None:
+            training = earlier.merged(training)
+        threshold = None
+        self.domain_guard_ = None
+        if self.guards_features and len(reference) >= 2:
+            self.domain_guard_ = DomainGuard(reference, guard_positions(self.feature_strides)).to(
+                self.device_
+            )
+            threshold = leave_one_out_threshold(reference)
+        return replace(calibration, domain_threshold=threshold, training_facts=training)
+
+    def _warn_about_calibration(self) -> None:
+        for warning in self.calibration_.warnings:  # the Python API says what the CLI and the demo say
+            warnings.warn(f"{self.name}: {warning}", CalibrationWarning, stacklevel=3)
+
+    def learn(self, images: list[ImageInput], recorder: FitRecorder | None = None) -> None:
+        """Learn from the training images: one streamed pass of feature batches through ``begin_fit`` /
+        ``partial_fit`` / ``end_fit`` (``recorder`` keeps what the domain guard and cross-fitted
+        calibration will need); detectors that train a network over several epochs override this."""
         self.begin_fit(len(images))
-        for features, _ in self.extracted_batches(images, desc=f"{self.name}: fit"):
+        for features, _ in self.extracted_batches(images, desc=f"{self.name}: fit", recorder=recorder):
             self.partial_fit(features)
         self.end_fit()
         self.refresh_head()
+
+    def release_fit_state(self) -> None:  # noqa: B027  (a hook: most detectors keep nothing)
+        """Drop what fitting kept only for calibration (nothing by default)."""
 
     def use_backbone(self, extractor: nn.Module, preprocessor: Preprocessor) -> None:
         """Adopt a backbone and preprocessing set up elsewhere (an ensemble shares one with its members);
@@ -231,12 +343,21 @@ class Detector(ABC):
         self.device_ = next(extractor.parameters()).device
 
     def learned_state(self) -> dict[str, torch.Tensor]:
-        """The learned tensors a model file stores (besides calibration)."""
-        return self._state()
+        """The learned tensors a model file stores (besides calibration): the detector's own and the
+        out-of-domain guard's training vectors (float16: the guard needs no more)."""
+        guard = {} if self.domain_guard_ is None else {_GUARD_KEY: self.domain_guard_.reference.half()}
+        return {**self._state(), **guard}
 
     def restore_state(self, tensors: dict[str, torch.Tensor]) -> None:
         """Set the learned state from :meth:`learned_state`'s tensors and rebuild the head."""
+        tensors = dict(tensors)
+        reference = tensors.pop(_GUARD_KEY, None)  # absent from files written before the guard existed
         self._set_state(tensors)
+        self.domain_guard_ = None
+        if reference is not None and self.guards_features:
+            self.domain_guard_ = DomainGuard(reference, guard_positions(self.feature_strides)).to(
+                self.device_
+            )
         self.refresh_head()
 
     def refresh_head(self) -> None:
@@ -254,18 +375,64 @@ class Detector(ABC):
         held = set(order[:n_holdout].tolist())
         return [im for i, im in enumerate(images) if i not in held], [images[i] for i in sorted(held)]
 
-    def _calibrate(self, held_out: list[ImageInput]) -> Calibration:
-        """Thresholds from the held-out normals: one pass gathers each batch's evidence, the detector learns
-        from it what it learns from held-out images, and its calibration scores and maps set the image and
-        pixel thresholds."""
+    def _calibration_choice(self, n_images: int) -> list[int]:
+        """Positions of the training images cross-fitted calibration scores: all, or an even random sample
+        of ``max_calibration_images``."""
+        if n_images <= self.max_calibration_images:
+            return list(range(n_images))
+        return sorted(
+            np.random.default_rng(self.seed)
+            .choice(n_images, self.max_calibration_images, replace=False)
+            .tolist()
+        )
+
+    def _calibrate(
+        self, held_out: list[ImageInput], method: str, source: str, recorder: FitRecorder | None = None
+    ) -> Calibration:
+        """Thresholds from normals outside the training set: one pass gathers each batch's evidence, the
+        detector learns from it what it learns from held-out images, and its calibration scores and maps set
+        the image and pixel thresholds (``recorder`` keeps the images' guard vectors and facts)."""
         evidence, sizes = [], []
-        for features, batch in self.extracted_batches(held_out, desc=f"{self.name}: calibrate"):
+        for features, batch in self.extracted_batches(held_out, f"{self.name}: calibrate", recorder=recorder):
             evidence.append(self.held_out_evidence(features))
             sizes.extend(entry.size for entry in batch)
+        names = [item_path(item) or f"validation image {i}" for i, item in enumerate(held_out)]
+        return self._thresholds(evidence, sizes, method, source, names)
+
+    def _cross_fitted_calibration(
+        self, images: list[ImageInput], chosen: list[int], cache: FeatureCache, source: str
+    ) -> Calibration:
+        """Thresholds from the training images' own scores, each made without that image
+        (:meth:`cross_fitted_evidence`): the features kept by the fit's pass, then the rest read again."""
+        evidence, sizes, order = [], [], []
+        missing = cache.missing()  # before the cache hands its features over (and forgets them)
+        for features, positions, batch_sizes in cache.batches(self.batch_size, self.device_):
+            evidence.append(self.cross_fitted_evidence(features, positions))
+            sizes += batch_sizes
+            order += positions
+        for features, batch in self.extracted_batches(
+            [images[i] for i in missing], f"{self.name}: calibrate"
+        ):
+            positions, missing = missing[: len(batch)], missing[len(batch) :]
+            evidence.append(self.cross_fitted_evidence(features, positions))
+            sizes += [entry.size for entry in batch]
+            order += positions
+        names = [item_path(images[i]) or f"training image {i}" for i in order]
+        return self._thresholds(evidence, sizes, f"cross-fitted ({self.cross_fitting})", source, names)
+
+    def _thresholds(
+        self,
+        evidence: list[Evidence],
+        sizes: list[tuple[int, int]],
+        method: str,
+        source: str,
+        names: list[str],
+    ) -> Calibration:
         with torch.inference_mode():
             scores, maps = self.learn_from_held_out(evidence)
         pixels = self._pixel_sample(maps, sizes)
-        return calibrate(scores.float().cpu().numpy(), pixels, self.target_fpr)
+        scores = scores.float().cpu().numpy()
+        return calibrate(scores, pixels, self.target_fpr, method=method, source=source, names=names)
 
     def _pixel_sample(self, maps: torch.Tensor, sizes: list[tuple[int, int]]) -> np.ndarray:
         """A random sample of each image's heatmap pixels (at original size), a batch of maps at a time."""
@@ -297,12 +464,17 @@ class Detector(ABC):
         ) as bar:
             return predict_all(self, items, workers=self.num_workers or None, on_batch=bar.update)
 
-    def score_batch(self, batch: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """Preprocessed batch ``(B, 3, S, S)`` -> (scores, maps at model-input size, smoothed)."""
+    def score_batch(
+        self, batch: np.ndarray | torch.Tensor
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Preprocessed batch ``(B, 3, S, S)`` -> (scores, maps at model-input size, smoothed, and the
+        out-of-domain guard's feature distances, None without a guard)."""
         self._check_fitted()
         with torch.inference_mode():
-            scores, maps = self.head_(self._extract(torch.as_tensor(batch).to(self.device_)))
-            return scores.float().cpu().numpy(), self._smooth(maps)
+            features = self._extract(torch.as_tensor(batch).to(self.device_))
+            scores, maps = self.head_(features)
+            distances = None if self.domain_guard_ is None else self.domain_guard_(features).cpu().numpy()
+            return scores.float().cpu().numpy(), self._smooth(maps), distances
 
     def _heatmaps(self, maps: torch.Tensor, original_sizes: list[tuple[int, int]]) -> list[np.ndarray]:
         """Feature-resolution maps -> smoothed heatmaps, each at its image's original size."""
@@ -332,7 +504,11 @@ class Detector(ABC):
         )
 
     def extracted_batches(
-        self, images: list[ImageInput], desc: str, transform: Transform | None = None
+        self,
+        images: list[ImageInput],
+        desc: str,
+        transform: Transform | None = None,
+        recorder: FitRecorder | None = None,
     ) -> Iterator[tuple[list[torch.Tensor], list[Outcome]]]:
         """Each batch's feature maps, with the batch itself (original sizes, paths); the progress bar counts a
         batch once the consumer is done with it. A file that cannot be read stops with its error."""
@@ -346,6 +522,7 @@ class Detector(ABC):
         # one batch or less: the bar would jump from 0 to done and only clutter e.g. a one-image calibration
         quiet = not self.progress or len(images) <= self.batch_size
         with tqdm(total=len(images), desc=desc, unit="img", disable=quiet, leave=False) as bar:
+            position = 0
             for batch in batches(loaded, self.batch_size):
                 for entry in batch:
                     if not entry.ok:
@@ -354,7 +531,10 @@ class Detector(ABC):
                     features = self._extract(
                         torch.from_numpy(stacked(batch)).to(self.device_, non_blocking=True)
                     )
+                if recorder is not None:
+                    recorder.offer(position, features, batch)
                 yield features, batch
+                position += len(batch)
                 bar.update(len(batch))
 
     def _extract(self, images: torch.Tensor) -> list[torch.Tensor]:

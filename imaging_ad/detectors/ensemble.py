@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imaging_ad.detectors.base import Detector, Evidence
+from imaging_ad.detectors.components.feature_cache import FeatureCache
 from imaging_ad.detectors.registry import DETECTORS, register_detector
 from imaging_ad.detectors.trained import ImageSpaceDetector, TrainedDetector
 from imaging_ad.io.items import ImageInput
@@ -127,6 +128,8 @@ class Ensemble(Detector):
             DETECTORS[m](**{**shared, **self.member_params.get(m, {})}) for m in self.members
         ]
         self.exportable = all(m.exportable for m in self.members_)
+        if all(m.cross_fitting is not None for m in self.members_):  # else: a held-out split for all
+            self.cross_fitting = "each member's own"
         self.feature_strides = tuple(sorted({s for d in self.members_ for s in d.feature_strides}))
         self._positions = [[self.feature_strides.index(s) for s in d.feature_strides] for d in self.members_]
         # per member: mean and spread of its image scores and of its heatmap pixels on normal images
@@ -147,14 +150,15 @@ class Ensemble(Detector):
 
     # -- fit ------------------------------------------------------------------------------------
 
-    def learn(self, images: list[ImageInput]) -> None:
-        """Streaming members learn from one shared backbone pass; trained members (feature autoencoders)
-        then read their own, possibly augmented, passes and train."""
+    def learn(self, images: list[ImageInput], cache: FeatureCache | None = None) -> None:
+        """Streaming members learn from one shared backbone pass (``cache`` keeps features for cross-fitted
+        calibration); trained members (feature autoencoders) then read their own, possibly augmented,
+        passes and train."""
         streaming = [(i, m) for i, m in enumerate(self.members_) if not isinstance(m, TrainedDetector)]
         if streaming:
             for _, member in streaming:
                 member.begin_fit(len(images))
-            for features, _ in self.extracted_batches(images, desc=f"{self.name}: fit"):
+            for features, _ in self.extracted_batches(images, desc=f"{self.name}: fit", cache=cache):
                 for i, member in streaming:
                     member.partial_fit(self._member_features(features, i))
             for _, member in streaming:
@@ -166,6 +170,16 @@ class Ensemble(Detector):
 
     def held_out_evidence(self, features: list[torch.Tensor]) -> list[Evidence]:
         return [m.held_out_evidence(self._member_features(features, i)) for i, m in enumerate(self.members_)]
+
+    def cross_fitted_evidence(self, features: list[torch.Tensor], positions: list[int]) -> list[Evidence]:
+        return [
+            m.cross_fitted_evidence(self._member_features(features, i), positions)
+            for i, m in enumerate(self.members_)
+        ]
+
+    def release_fit_state(self) -> None:
+        for member in self.members_:
+            member.release_fit_state()
 
     def learn_from_held_out(self, evidence: list[list[Evidence]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Each member learns from its share of the held-out evidence (PatchCore: per-position statistics,

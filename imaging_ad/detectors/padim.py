@@ -88,6 +88,7 @@ class PaDiM(Detector):
     """
 
     feature_strides = (4, 8, 16)
+    cross_fitting = "exact leave-one-out: each training image against its position's Gaussian without it"
     param_constraints = {
         "n_features": Interval(1, None),
         "regularization": Interval(0, None, "neither"),
@@ -142,6 +143,32 @@ class PaDiM(Detector):
         self.mean_ = mean.float().contiguous()
         # contiguous so the fitted and the reloaded model take the same BLAS path (bit-identical scores)
         self.inverse_covariance_ = torch.linalg.inv(covariance).float().contiguous()
+        self._leave_one_out = (count, mean, *torch.linalg.eigh(covariance))  # for cross-fitted calibration
+
+    def cross_fitted_evidence(
+        self, features: list[torch.Tensor], positions: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each training image's Mahalanobis distances to its positions' Gaussians estimated without it, in
+        closed form. With n images, mean m and C = S / (n - 1) + rI (S the scatter), removing x leaves
+        C' = a C + (1 - a) rI - c dd^T (d = x - m, a = (n-1)/(n-2), c = n/((n-1)(n-2))), and x - m' =
+        d n/(n-1). In C's eigenbasis the first two terms are diagonal, so Sherman-Morrison gives
+        |x - m'|^2_{C'} = (n/(n-1))^2 q / (1 - c q) with q = d^T (a C + (1 - a) rI)^-1 d: exact, one
+        eigendecomposition per position for all images."""
+        n, mean, eigenvalues, eigenvectors = self._leave_one_out
+        size = self.preprocessor_.image_size // self.grid_stride
+        embedding = torch.cat([to_grid(f, size) for f in features], dim=1)
+        embedding = embedding[:, self.channel_index_.to(embedding.device)].double()
+        b, d, h, w = embedding.shape
+        delta = embedding.permute(2, 3, 0, 1).reshape(h * w, b, d) - mean[:, None]  # (P, B, d)
+        a, c = (n - 1) / (n - 2), n / ((n - 1) * (n - 2))
+        shrunk = a * eigenvalues + (1 - a) * self.regularization  # (P, d)
+        q = (torch.bmm(delta, eigenvectors).square() / shrunk[:, None]).sum(-1)  # (P, B)
+        squared = (n / (n - 1)) ** 2 * q / (1 - c * q)
+        maps = squared.clamp_min(0).sqrt().T.reshape(b, h, w).float()
+        return maps.flatten(1).max(dim=1).values, maps
+
+    def release_fit_state(self) -> None:
+        self.__dict__.pop("_leave_one_out", None)
 
     def _build_head(self) -> PaDiMHead:
         size = self.preprocessor_.image_size // self.grid_stride

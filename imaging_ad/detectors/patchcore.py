@@ -23,7 +23,7 @@ from torch import nn
 from imaging_ad.detectors.base import Detector
 from imaging_ad.detectors.components.coreset import StreamingCoreset, select_more_centres
 from imaging_ad.detectors.components.features import patch_grid
-from imaging_ad.detectors.components.search import ExactSearch, GraphSearch
+from imaging_ad.detectors.components.search import ExactSearch, Exclusion, GraphSearch
 from imaging_ad.detectors.params import Interval, OneOf
 from imaging_ad.detectors.registry import register_detector
 from imaging_ad.io.items import ImageInput
@@ -81,15 +81,22 @@ class PatchCoreHead(nn.Module):
         return (patch_scores - self.position_mean) / self.position_std
 
     def patch_distances(
-        self, features: list[torch.Tensor], ranked: bool = True
+        self, features: list[torch.Tensor], ranked: bool = True, exclusion: Exclusion | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]:
         """(queries (B, P, D), distances (B, P), nearest bank rows (B, P), grid (h, w)). With a graph search
-        the top patches by :meth:`ranked` (plain distances when ``ranked`` is False) are exact."""
+        the top patches by :meth:`ranked` (plain distances when ``ranked`` is False) are exact; with an
+        ``exclusion`` (cross-fitting) no patch matches a bank row of its own image."""
         embedding = self.embed(features)
         b, d, h, w = embedding.shape
         queries = embedding.permute(0, 2, 3, 1).reshape(b, h * w, d).float()
         if self.graph is not None:
-            distances, nearest = self.graph.search(queries, self.ranked if ranked else _plain)
+            distances, nearest = self.graph.search(queries, self.ranked if ranked else _plain, exclusion)
+        elif exclusion is not None:
+            sources = exclusion.per_query(h * w).to(queries.device)
+            flat = self.exact.in_blocks(
+                queries.reshape(-1, d), sources, exclusion.bank_sources.to(queries.device)
+            )
+            distances, nearest = flat[0].reshape(b, h * w), flat[1].reshape(b, h * w)
         else:
             flat_distances, flat_nearest = self.exact(queries.reshape(-1, d))
             distances, nearest = flat_distances.reshape(b, h * w), flat_nearest.reshape(b, h * w)
@@ -166,6 +173,7 @@ class PatchCore(Detector):
     # Strides 16 and 32 of EfficientNet-Lite measured best on magnetic_tile (image AUROC 0.936 vs 0.873
     # for strides 8 and 16, see benchmarks/RESULTS.md); the coarser grid also means 4x fewer queries.
     feature_strides = (16, 32)
+    cross_fitting = "leave-one-out: each training image searches the bank without its own patches"
     param_constraints = {
         "coreset_ratio": Interval(0, 1, "right"),
         "max_memory_bank": Interval(1, None),
@@ -215,7 +223,7 @@ class PatchCore(Detector):
     # -- fit ------------------------------------------------------------------------------------
 
     def begin_fit(self, n_images: int) -> None:
-        self._n_images = n_images
+        self._n_images, self._seen = n_images, 0
         self._coreset: StreamingCoreset | None = None
 
     def partial_fit(self, features: list[torch.Tensor]) -> None:
@@ -227,11 +235,18 @@ class PatchCore(Detector):
             self._coreset = StreamingCoreset(
                 bank_size, total, self.chunk_images * h * w, self.projection_dim, self.seed
             )
-        self._coreset.add(embedding.permute(0, 2, 3, 1).reshape(-1, d).float())
+        # each row remembers its image, so cross-fitting can score an image without its own rows
+        sources = torch.arange(self._seen, self._seen + b).repeat_interleave(h * w)
+        self._coreset.add(embedding.permute(0, 2, 3, 1).reshape(-1, d).float(), sources)
+        self._seen += b
 
     def end_fit(self) -> None:
-        self.use_memory_bank(self._coreset.result())
-        del self._coreset, self._n_images
+        bank, self._bank_sources = self._coreset.result(), self._coreset.sources()
+        self.use_memory_bank(bank)
+        del self._coreset, self._n_images, self._seen
+
+    def release_fit_state(self) -> None:
+        self.__dict__.pop("_bank_sources", None)
 
     def _embed(self, features: list[torch.Tensor]) -> torch.Tensor:
         return patch_embeddings(features, self.neighbourhood)
@@ -312,11 +327,13 @@ class PatchCore(Detector):
 
     # -- learning from held-out normals ---------------------------------------------------------
 
-    def held_out_evidence(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def held_out_evidence(
+        self, features: list[torch.Tensor], exclusion: Exclusion | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(patch distances (B, h, w), every patch's re-weighting factor (B, h * w)): which patch will rank
         first is known only once the per-position statistics are, so every patch's factor is kept."""
         with torch.inference_mode():
-            queries, distances, nearest, (h, w) = self.head_.patch_distances(features, ranked=False)
+            queries, distances, nearest, (h, w) = self.head_.patch_distances(features, False, exclusion)
             images_at_once = max(1, 1024 // distances.shape[1])  # bounds the (B, P, b, D) gather
             factors = torch.cat(
                 [
@@ -325,6 +342,14 @@ class PatchCore(Detector):
                 ]
             )
             return distances.reshape(-1, h, w).cpu(), factors.cpu()
+
+    def cross_fitted_evidence(
+        self, features: list[torch.Tensor], positions: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`held_out_evidence` of training images, each searching the bank without the rows its own
+        patches put there (leave one image out)."""
+        exclusion = Exclusion(self._bank_sources, torch.tensor(positions, dtype=torch.int64))
+        return self.held_out_evidence(features, exclusion)
 
     def learn_from_held_out(
         self, evidence: list[tuple[torch.Tensor, torch.Tensor]]
@@ -387,7 +412,11 @@ class PatchCore(Detector):
         with torch.inference_mode():
             chosen = select_more_centres(self.memory_bank_, candidates.to(self.memory_bank_.device), k)
         self.use_memory_bank(torch.cat([self.memory_bank_, candidates[chosen].to(self.memory_bank_.device)]))
-        self.calibration_ = self._calibrate(list(calibration_images))
+        self.calibration_ = self._calibrate(
+            list(calibration_images),
+            "normals kept out of the extended bank",
+            f"{len(calibration_images)} normals",
+        )
         return int(chosen.numel())
 
     # -- persistence ----------------------------------------------------------------------------

@@ -118,10 +118,10 @@ def verify_export(graph: ExportGraph, path: Path, image_size: int, n_images: int
         np.random.default_rng(seed).standard_normal((n_images, 3, image_size, image_size)).astype(np.float32)
     )
     with torch.inference_mode():
-        expected_scores, expected_maps = (t.numpy() for t in graph(torch.from_numpy(batch)))
+        expected_scores, expected_maps, *expected_guard = (t.numpy() for t in graph(torch.from_numpy(batch)))
     # the file just written is checked against the graph itself: no trust policy applies to it (it is
     # signed, if at all, after export)
-    scores, maps = load_exported(path, device="cpu", trust=TrustPolicy()).score_batch(batch)
+    scores, maps, *guard = load_exported(path, device="cpu", trust=TrustPolicy()).score_batch(batch)
     result = {
         "images": n_images,
         "input": f"standard normal noise, seed {seed}",
@@ -130,9 +130,12 @@ def verify_export(graph: ExportGraph, path: Path, image_size: int, n_images: int
             np.abs(maps - expected_maps).max() / max(np.abs(expected_maps).max(), 1e-12)
         ),
     }
+    if expected_guard:
+        result["max_domain_distance_relative_difference"] = _max_relative(guard[0], expected_guard[0])
     if (
         result["max_score_relative_difference"] > SCORE_RTOL
         or result["max_heatmap_difference_relative_to_max"] > HEATMAP_RTOL
+        or result.get("max_domain_distance_relative_difference", 0.0) > SCORE_RTOL
     ):
         raise ExportError(f"the exported model does not reproduce the detector's graph: {result}")
     return result
@@ -157,6 +160,11 @@ def _describe(detector: Detector, graph: ExportGraph, format: str, details: dict
             "outputs": {
                 "scores": {"shape": ["batch"], "dtype": "float32"},
                 "heatmaps": {"shape": ["batch", size, size], "dtype": "float32"},
+                **(
+                    {"domain_distances": {"shape": ["batch"], "dtype": "float32"}}
+                    if graph.guard is not None
+                    else {}
+                ),
             },
             "heatmap_smoothing": {
                 "upsampling": "bilinear, half-pixel centres (align_corners=False)",

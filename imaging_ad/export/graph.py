@@ -18,17 +18,30 @@ from imaging_ad.export.errors import ExportError
 
 
 class ExportGraph(nn.Module):
-    """Feature module + detector head + heatmap smoothing, on the CPU in float32."""
+    """Feature module + detector head + heatmap smoothing (+ the out-of-domain guard's feature distances,
+    when the detector has a guard), on the CPU in float32."""
 
-    def __init__(self, features: nn.Module, head: nn.Module, smoothing: nn.Module) -> None:
+    def __init__(
+        self, features: nn.Module, head: nn.Module, smoothing: nn.Module, guard: nn.Module | None = None
+    ) -> None:
         super().__init__()
         self.features = features
         self.head = head
         self.smoothing = smoothing
+        self.guard = guard
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scores, maps = self.head(self.features(images))
-        return scores, self.smoothing(maps)
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return (
+            ("scores", "heatmaps", "domain_distances") if self.guard is not None else ("scores", "heatmaps")
+        )
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        features = self.features(images)
+        scores, maps = self.head(features)
+        if self.guard is None:
+            return scores, self.smoothing(maps)
+        return scores, self.smoothing(maps), self.guard(features)
 
 
 def exportable_detectors() -> list[str]:
@@ -47,12 +60,13 @@ def build_graph(detector: Detector) -> ExportGraph:
         )
     detector._check_fitted()
     head = detector.export_head()
-    features = detector.feature_module()
+    features, guard = detector.feature_module(), detector.domain_guard_
     if detector.device_.type != "cpu" or any(p.dtype != torch.float32 for p in features.parameters()):
         # a CPU float32 copy: the graph runs on the CPU, and the caller's detector must not move
         features, head = copy.deepcopy(features).cpu().float(), copy.deepcopy(head).cpu().float()
+        guard = None if guard is None else copy.deepcopy(guard).cpu().float()
     size = detector.preprocessor_.image_size
     with torch.inference_mode():
         _, maps = head(features(torch.zeros(1, 3, size, size)))
     smoothing = copy.deepcopy(detector.smoothing_for(maps.shape[-2:])).cpu()
-    return ExportGraph(features.eval(), head.eval(), smoothing).eval().requires_grad_(False)
+    return ExportGraph(features.eval(), head.eval(), smoothing, guard).eval().requires_grad_(False)

@@ -12,7 +12,6 @@ from imaging_ad.export.graph import ExportGraph
 
 DEFAULT_OPSET = 17
 INPUT_NAME = "images"
-OUTPUT_NAMES = ("scores", "heatmaps")
 
 
 def write_onnx(graph: ExportGraph, path: Path, image_size: int, opset: int = DEFAULT_OPSET) -> dict:
@@ -27,6 +26,7 @@ def write_onnx(graph: ExportGraph, path: Path, image_size: int, opset: int = DEF
         ) from exc
     example = torch.zeros(2, 3, image_size, image_size)  # batch 2: the batch axis must stay symbolic
     batch = {0: "batch"}
+    outputs = list(graph.output_names)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # deprecation notice of the TorchScript-based exporter
@@ -36,8 +36,8 @@ def write_onnx(graph: ExportGraph, path: Path, image_size: int, opset: int = DEF
                 str(path),
                 dynamo=False,
                 input_names=[INPUT_NAME],
-                output_names=list(OUTPUT_NAMES),
-                dynamic_axes={INPUT_NAME: batch, OUTPUT_NAMES[0]: batch, OUTPUT_NAMES[1]: batch},
+                output_names=outputs,
+                dynamic_axes={INPUT_NAME: batch, **{name: batch for name in outputs}},
                 opset_version=opset,
                 do_constant_folding=True,
             )

@@ -38,11 +38,11 @@ ExportedResult = AnomalyResult
 
 
 class Backend(Protocol):
-    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, ...]: ...
 
 
 class OnnxBackend:
-    """onnxruntime session: (B, 3, S, S) float32 -> (scores (B,), heatmaps (B, S, S))."""
+    """onnxruntime session: (B, 3, S, S) float32 -> (scores (B,), heatmaps (B, S, S)[, domain distances (B,)])."""
 
     def __init__(self, path: Path, device: str = "auto", threads: int | None = None) -> None:
         try:
@@ -65,9 +65,8 @@ class OnnxBackend:
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         self.input_name = self.session.get_inputs()[0].name
 
-    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        scores, heatmaps = self.session.run(None, {self.input_name: np.ascontiguousarray(batch, np.float32)})
-        return scores, heatmaps
+    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, ...]:
+        return tuple(self.session.run(None, {self.input_name: np.ascontiguousarray(batch, np.float32)}))
 
 
 #: sidecar ``model_format`` -> "module:class" of its backend, imported on use (torch only for TorchScript)
@@ -131,10 +130,12 @@ class ExportedModel:
     def image_size(self) -> int:
         return self.preprocessor_.image_size
 
-    def score_batch(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Preprocessed ``(B, 3, S, S)`` -> (scores, heatmaps at model-input size, smoothed)."""
-        scores, heatmaps = self.backend(np.asarray(batch, dtype=np.float32))
-        return np.asarray(scores, np.float32), np.asarray(heatmaps, np.float32)
+    def score_batch(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Preprocessed ``(B, 3, S, S)`` -> (scores, heatmaps at model-input size, smoothed, and the
+        out-of-domain guard's feature distances, None for exports without a guard)."""
+        scores, heatmaps, *guard = self.backend(np.asarray(batch, dtype=np.float32))
+        distances = np.asarray(guard[0], np.float32) if guard else None
+        return np.asarray(scores, np.float32), np.asarray(heatmaps, np.float32), distances
 
     def predict(self, images: Sequence[Any] | Any) -> list[ExportedResult]:
         """Score images (paths, :class:`ImageRecord`, arrays, or anything with ``.path``); heatmaps at each

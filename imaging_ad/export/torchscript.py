@@ -42,10 +42,10 @@ class TorchScriptBackend:
                     f"{path}: not a loadable TorchScript export ({str(exc).splitlines()[0][:200]})"
                 ) from exc
 
-    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, ...]:
         with torch.inference_mode():
-            scores, heatmaps = self.module(torch.from_numpy(batch).to(self.device))
-        return scores.float().cpu().numpy(), heatmaps.float().cpu().numpy()
+            outputs = self.module(torch.from_numpy(batch).to(self.device))
+        return tuple(output.float().cpu().numpy() for output in outputs)
 
 
 def check_torchscript_archive(path: Path) -> None:

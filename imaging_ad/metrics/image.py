@@ -69,19 +69,31 @@ def threshold_metrics(
     fp = int(np.count_nonzero(predicted & ~y))
     fn = int(np.count_nonzero(~predicted & y))
     tn = int(np.count_nonzero(~predicted & ~y))
+    fpr = _ratio(fp, fp + tn)
     return {
         "threshold": float(threshold),
+        # what any threshold could have recalled on this test set without more false positives
+        "best_recall_at_this_fpr": _best_recall(y, s, fpr) if fpr is not None and tp + fn > 0 else None,
         "precision": _ratio(tp, tp + fp),
         "recall": _ratio(tp, tp + fn),
         # 2TP / (2TP + FP + FN) equals 2PR / (P + R) but stays defined (= 0) when nothing is predicted
         # anomalous while anomalies exist; it is only undefined when there is nothing to find or flag.
         "f1": _ratio(2 * tp, 2 * tp + fp + fn),
-        "false_positive_rate": _ratio(fp, fp + tn),
+        "false_positive_rate": fpr,
         "tp": tp,
         "fp": fp,
         "tn": tn,
         "fn": fn,
     }
+
+
+def _best_recall(y: np.ndarray, s: np.ndarray, max_fpr: float) -> float:
+    """The highest recall of any threshold whose false-positive rate is at most ``max_fpr``."""
+    normals, anomalies = np.sort(s[~y]), s[y]
+    allowed = int(np.floor(max_fpr * normals.size + 1e-9))  # normals that may score above the threshold
+    # the strictest threshold letting through `allowed` normals: just above the (allowed + 1)-th highest
+    bar = normals[normals.size - allowed - 1] if allowed < normals.size else -np.inf
+    return float(np.count_nonzero(anomalies > bar) / anomalies.size)
 
 
 def per_category_metrics(

@@ -35,6 +35,7 @@ class ReportData:
     n_rows: int = 0
     n_flagged: int = 0
     n_errors: int = 0
+    n_out_of_domain: int = 0  # scored, but unlike the training images: no verdict counted
     scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
     flagged: list[dict[str, Any]] = field(default_factory=list)  # highest scores first, at most the limit
     errors: list[dict[str, Any]] = field(default_factory=list)  # first ``error_limit`` by path
@@ -59,7 +60,9 @@ class ReportData:
             if score is None:
                 continue
             scores.append(float(score))
-            if row.get("is_anomaly"):
+            if row.get("out_of_domain"):
+                data.n_out_of_domain += 1
+            elif row.get("is_anomaly"):
                 data.n_flagged += 1
                 entry = (
                     float(score),
@@ -105,7 +108,7 @@ def write_report(
 def render_report(
     data: ReportData, *, input_dir: Path, model: Path, fingerprint: str, threshold: float, heatmaps: str
 ) -> str:
-    n_scored = data.n_rows - data.n_errors
+    n_scored = data.n_rows - data.n_errors - data.n_out_of_domain
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     cards = "".join(
         f'<div class="card {cls}"><div class="n">{value}</div><div>{_e(label)}</div></div>'
@@ -113,6 +116,11 @@ def render_report(
             (data.n_rows, "files", ""),
             (n_scored - data.n_flagged, "normal", "normal"),
             (data.n_flagged, "flagged as anomalous", "flagged"),
+            (
+                data.n_out_of_domain,
+                "outside the model's domain (score not meaningful)",
+                "error" if data.n_out_of_domain else "",
+            ),
             (data.n_errors, "unreadable", "error" if data.n_errors else ""),
         )
     )

@@ -24,6 +24,7 @@ from pathlib import Path
 from stat import S_ISREG
 from typing import TYPE_CHECKING, Any
 
+from imaging_ad.calibration import Calibration
 from imaging_ad.inference import Outcome, background_priority
 from imaging_ad.io import DEFAULT_MAX_PIXELS, ImageRecord, read_image
 from imaging_ad.scan.store import HEATMAP_DIR, INVALIDATED_DIR, ResultStore, ScanSettings, writing
@@ -71,6 +72,7 @@ class ScanSummary:
     n_rows: int  # rows in the results: one per file
     n_flagged: int  # rows flagged as anomalous (whole folder, not just this run)
     n_errors: int  # rows with an error (whole folder)
+    n_out_of_domain: int  # rows of images unlike the training images: their scores mean nothing
     n_overlays: int  # overlay PNGs written by this run
     n_removed: int  # rows dropped because their file is no longer in the folder
     invalidated_rows: int  # earlier rows moved aside because the model or settings changed
@@ -99,6 +101,11 @@ class ScanSummary:
                 f"{self.invalidated_rows} earlier row(s) invalidated by a change of model or settings"
             )
         parts.append(f"{self.n_flagged} of {self.n_rows} flagged as anomalous (score > {self.threshold:.4g})")
+        if self.n_out_of_domain:
+            parts.append(
+                f"{self.n_out_of_domain} outside this model's training domain (score not meaningful; see the "
+                "out_of_domain column)"
+            )
         parts.append(
             f"{self.n_errors} could not be read (see the error column)"
             if self.n_errors
@@ -205,7 +212,7 @@ def scan(
     calibration = detector.calibration_
     if calibration is None:
         raise ScanError("the detector is not fitted: it has no calibration")
-    if detector.name != description["detector"] or calibration.to_dict() != description["calibration"]:
+    if detector.name != description["detector"] or calibration != Calibration.from_dict(description["calibration"]):
         raise ScanError(
             f"the detector passed in was not loaded from {model_path}; results would be mislabelled"
         )
@@ -270,6 +277,7 @@ def scan(
         n_rows=data.n_rows,
         n_flagged=data.n_flagged,
         n_errors=data.n_errors,
+        n_out_of_domain=data.n_out_of_domain,
         n_overlays=runner.n_overlays,
         n_removed=n_removed,
         invalidated_rows=store.invalidated_rows,
@@ -403,7 +411,9 @@ class _Runner:
                 errors = sum(outcome is None or not outcome.ok for _, outcome in rows)
                 self.n_done += len(rows)
                 self.n_errors += errors
-                self.n_flagged += sum(o is not None and o.ok and o.result.is_anomaly for _, o in rows)
+                self.n_flagged += sum(
+                    o is not None and o.ok and o.result.verdict == "anomalous" for _, o in rows
+                )
                 while writes and (writes[0].done() or len(writes) > 2):
                     writes.popleft().result()  # re-raises a failure of the writer (e.g. disk full)
                 bar.update(len(rows))
@@ -452,7 +462,7 @@ class _Runner:
             if self.heatmaps == "all" or (result.is_anomaly and self.heatmaps == "flagged"):
                 heatmap_rel = self._write_overlay(item, outcome)
             is_dicom = isinstance(outcome.record, ImageRecord) and outcome.record.meta.format == "DICOM"
-            if result.is_anomaly and is_dicom and self.dicom is not None:
+            if result.verdict == "anomalous" and is_dicom and self.dicom is not None:
                 self._write_dicom(item, outcome)
             outcome.record = None
             height, width = outcome.size
@@ -462,6 +472,8 @@ class _Runner:
                     "score": result.score,
                     "normalized_score": result.normalized_score,
                     "is_anomaly": result.is_anomaly,
+                    "domain_score": result.domain_score,
+                    "out_of_domain": "; ".join(result.out_of_domain) or None,
                     "heatmap": heatmap_rel,
                     "width": width,
                     "height": height,
@@ -478,7 +490,7 @@ class _Runner:
         }
 
     def _write_overlay(self, item: _Item, outcome: Outcome) -> str | None:
-        from imaging_ad.visualize import overlay, save_png
+        from imaging_ad.visualize import ColourScale, overlay_with_legend, save_png
 
         # mirrors the input tree; names are distinct per input (see overlay_names)
         rel = f"{HEATMAP_DIR}/{item.overlay}"
@@ -486,7 +498,9 @@ class _Runner:
         pixels = outcome.record.pixels if isinstance(outcome.record, ImageRecord) else outcome.record
         try:
             # blue up to the calibrated pixel threshold (as normal as normal images get), red at the peak
-            image = overlay(pixels, outcome.result.heatmap, vmin=self.detector.calibration_.pixel_threshold)
+            image = overlay_with_legend(
+                pixels, outcome.result.heatmap, ColourScale.of(self.detector.calibration_)
+            )
         except (ValueError, TypeError) as exc:  # an odd pixel layout: keep the score, skip the picture
             log.warning("%s: no overlay (%s)", item.relpath, exc)
             return None
@@ -509,6 +523,7 @@ class _Runner:
                 self.threshold,
                 pixels=outcome.record.pixels,
                 pixel_threshold=self.detector.calibration_.pixel_threshold,
+                pixel_upper=self.detector.calibration_.pixel_upper,
             )
         # a disk that is full or read-only (OSError) stops the scan, as it does for overlays
         except (DicomResultsError, InvalidDicomError, ValueError, TypeError, AttributeError, KeyError) as exc:

@@ -50,6 +50,9 @@ FIELDS = (
     "normalized_score",
     "is_anomaly",
     "threshold",
+    "domain_score",  # the out-of-domain guard's distance over its threshold (above 1: unlike training)
+    "out_of_domain",  # why the image is unlike the training images; empty when it is not: then the
+    # score and verdict mean something
     "heatmap",
     "width",
     "height",

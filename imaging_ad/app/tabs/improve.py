@@ -16,6 +16,7 @@ from imaging_ad.app.review_store import QueueItem
 from imaging_ad.app.service import DemoService
 from imaging_ad.app.tabs.common import USER_ERRORS, Shared, fail
 from imaging_ad.app.tabs.inspect import InspectTab, verdict_markdown
+from imaging_ad.app.tabs.learn import calibration_markdown
 
 
 def error_gallery(service: DemoService, items: Sequence[QueueItem], limit: int = 60) -> list[tuple[Any, str]]:
@@ -62,6 +63,7 @@ def build(shared: Shared, tab: gr.Tab, inspect: InspectTab) -> None:
         use_suggestion = gr.Button("Use the suggested threshold")
         send_threshold = gr.Button("Use this threshold in Inspect")
         extend_button = gr.Button("Add reviewed normals to the memory bank (new version)")
+        recalibrate_button = gr.Button("Re-calibrate on the reviewed normals: site calibration (new version)")
     suggestion_state = gr.State(None)
     with gr.Row():
         fp_gallery = gr.Gallery(
@@ -155,5 +157,24 @@ def build(shared: Shared, tab: gr.Tab, inspect: InspectTab) -> None:
     shared.on_all_tabs_built.append(
         lambda: extend_button.click(
             extend, [model], [extend_md, *shared.model_dropdowns], api_name="do_extend"
+        )
+    )
+
+    def recalibrate(label: str, progress=gr.Progress(track_tqdm=True)):  # noqa: B008  (Gradio injects it)
+        try:
+            entry = service.resolve_model(label)
+            path, calibration = service.recalibrate(entry)
+        except USER_ERRORS as exc:
+            raise fail(exc) from exc
+        message = (
+            f"Saved **{path.stem}**: {html.escape(entry.name)} re-calibrated on this site's reviewed normals, "
+            "without refitting (thresholds and the out-of-domain guard).\n\n"
+            + calibration_markdown(calibration)
+        )
+        return (message, *shared.refreshed_dropdowns())
+
+    shared.on_all_tabs_built.append(
+        lambda: recalibrate_button.click(
+            recalibrate, [model], [extend_md, *shared.model_dropdowns], api_name="do_recalibrate"
         )
     )

@@ -22,17 +22,21 @@ class InspectTab:
 
 
 def render_overlay(result: InspectResult | None, opacity: float) -> np.ndarray | None:
-    from imaging_ad.visualize import overlay
+    from imaging_ad.visualize import ColourScale, overlay_with_legend
 
     if result is None:
         return None
-    return overlay(result.display, result.heatmap, alpha=float(opacity), vmin=result.pixel_threshold)
+    return overlay_with_legend(
+        result.display, result.heatmap, ColourScale.of(_calibration_of(result)), float(opacity)
+    )
 
 
 def render_heatmap(result: InspectResult) -> np.ndarray:
-    from imaging_ad.visualize import heatmap_to_color
+    from imaging_ad.visualize import ColourScale, colour_bar, heatmap_to_color
 
-    return heatmap_to_color(result.heatmap, vmin=result.pixel_threshold)
+    scale = ColourScale.of(_calibration_of(result))
+    picture = heatmap_to_color(result.heatmap, vmin=scale.low, vmax=scale.high)
+    return np.concatenate([picture, colour_bar(picture.shape[0], scale)], axis=1)
 
 
 def verdict_markdown(result: InspectResult | None, normalized_threshold: float) -> str:
@@ -42,21 +46,28 @@ def verdict_markdown(result: InspectResult | None, normalized_threshold: float) 
     raw = feedback.raw_threshold(_calibration_of(result), normalized_threshold)
     anomalous = result.is_anomaly(normalized_threshold)
     word = "ANOMALOUS" if anomalous else "NORMAL"
+    outside = ""
+    if result.out_of_domain:  # no verdict: the model has never seen anything like this image
+        word = "OUTSIDE THIS MODEL'S TRAINING DOMAIN — score not meaningful"
+        reasons = "".join(f"- {html.escape(reason)}\n" for reason in result.out_of_domain)
+        outside = f"This image is unlike the images the model learnt from:\n\n{reasons}\n"
     return (
-        f"### Verdict: **{word}**\n\n"
-        f"| measure | value |\n|---|---|\n"
+        f"### Verdict: **{word}**\n\n" + outside + f"| measure | value |\n|---|---|\n"
         f"| score | <span id='inspect-score'>{result.score:.4f}</span> |\n"
         f"| normalised score | {result.normalized_score:.3f} |\n"
         f"| threshold | {normalized_threshold:.2f} normalised = {raw:.4f} raw "
         f"(calibrated: 0.50 = {result.threshold:.4f}, {result.target_fpr:.0%} false positives on held-out normals) |\n"
         f"| image | {html.escape(result.name)} |\n"
         f"| model | {html.escape(result.model_name)} ({result.model_seconds * 1000:.0f} ms to read and score) |\n\n"
-        "Heatmap colours: blue up to the calibrated pixel threshold (as normal as normal images get), red at "
-        "this image's maximum. The image is in the Review queue."
+        "Heatmap colours (the bar beside the pictures): blue up to the calibrated pixel threshold (as normal as "
+        "normal images get), red at the model's upper reference; the same value is the same colour for every "
+        "image and in every output. The image is in the Review queue."
     )
 
 
 def _calibration_of(result: InspectResult):
+    if result.calibration is not None:
+        return result.calibration
     from imaging_ad.calibration import Calibration
 
     return Calibration(result.threshold, result.pixel_threshold, result.score_scale, result.target_fpr, 0)

@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+import html
+
 import gradio as gr
 
 from imaging_ad.app.safety import UPLOAD_SUFFIXES
 from imaging_ad.app.tabs.common import USER_ERRORS, Shared, fail
+
+
+def calibration_markdown(calibration) -> str:
+    """What the thresholds promise, the warnings in bold, and the training images to look at."""
+    lines = [html.escape(calibration.describe()) + "."]
+    lines += [f"**Warning:** {html.escape(w)}" for w in calibration.warnings]
+    if calibration.outliers:
+        lines.append(
+            "The training images that look least like the others (check them for anomalies, other views or scanners):"
+        )
+        lines += [f"- {html.escape(name)} (score {score:.4g})" for name, score in calibration.outliers]
+    return "\n\n".join(lines)
 
 
 def build(shared: Shared) -> None:
@@ -13,9 +27,9 @@ def build(shared: Shared) -> None:
 
     service = shared.service
     gr.Markdown(
-        "Build a model from **normal** images only (at least 5; a few hundred is better). A tenth "
-        "is held out to set the threshold. The model is saved in the data folder and offered in "
-        "every model list."
+        "Build a model from **normal** images only (at least 5; a few hundred are needed for a 1% "
+        "false-positive threshold, and the result says what yours can promise). The model is saved in the "
+        "data folder and offered in every model list."
     )
     with gr.Row():
         with gr.Column():
@@ -50,7 +64,8 @@ def build(shared: Shared) -> None:
             entry = service.learn(uploads or [], server_folder, detector_name, model_name, int(image_size))
         except USER_ERRORS as exc:
             raise fail(exc) from exc
-        text = f"Saved **{entry.name}** ({entry.path.stat().st_size / 1e6:.1f} MB): {entry.description}."
+        text = f"Saved **{entry.name}** ({entry.path.stat().st_size / 1e6:.1f} MB): {entry.description}.\n\n"
+        text += calibration_markdown(service.calibration(entry))
         return (text, *shared.refreshed_dropdowns())
 
     # every model list is an output: wired once all tabs (and their dropdowns) exist

@@ -84,35 +84,46 @@ class StreamingCoreset:
         self.chunk_rows = chunk_rows
         self.projection_dim = projection_dim
         self.generator = torch.Generator().manual_seed(seed)
-        self._pending: list[torch.Tensor] = []
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._pending_rows = 0
         self._seen = 0
         self._kept: list[torch.Tensor] = []
+        self._kept_sources: list[torch.Tensor] = []
         self._kept_rows = 0
 
-    def add(self, rows: torch.Tensor) -> None:
+    def add(self, rows: torch.Tensor, sources: torch.Tensor | None = None) -> None:
+        """Rows (N, D) and, optionally, where each came from (N,) (an image's position, for cross-fitting)."""
+        if sources is None:
+            sources = torch.full((rows.shape[0],), -1, dtype=torch.int64)
         # a batch larger than a chunk is split: selection costs (chunk rows x chunk share) per chunk
-        for piece in rows.split(self.chunk_rows):
-            self._pending.append(piece)
+        for piece, origin in zip(rows.split(self.chunk_rows), sources.split(self.chunk_rows), strict=True):
+            self._pending.append((piece, origin))
             self._pending_rows += piece.shape[0]
             if self._pending_rows >= self.chunk_rows:
                 self._reduce_pending()
 
     def result(self) -> torch.Tensor:
+        """The memory bank (see :meth:`sources` for where its rows came from)."""
         if self._pending:
             self._reduce_pending(final=True)
         if not self._kept:
             raise ValueError("no features were added")
         return torch.cat(self._kept)
 
+    def sources(self) -> torch.Tensor:
+        """(N,) where each row of :meth:`result` came from, as given to :meth:`add` (-1: not given)."""
+        return torch.cat(self._kept_sources)
+
     def _reduce_pending(self, final: bool = False) -> None:
-        chunk = torch.cat(self._pending)
+        chunk = torch.cat([rows for rows, _ in self._pending])
+        origin = torch.cat([sources for _, sources in self._pending])
         self._pending, self._pending_rows = [], 0
         self._seen += chunk.shape[0]
         target_so_far = self.bank_size if final else round(self.bank_size * min(1.0, self._seen / self.total))
         k = max(1, target_so_far - self._kept_rows)
         chosen = greedy_coreset(chunk, k, self.projection_dim, self.generator)
         self._kept.append(chunk[chosen].clone())
+        self._kept_sources.append(origin[chosen.cpu()].clone())
         self._kept_rows += len(chosen)
 
 

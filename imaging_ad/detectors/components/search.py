@@ -5,6 +5,7 @@ keep each image's score exact."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import faiss
 import numpy as np
@@ -14,10 +15,26 @@ from torch import nn
 #: what an image's score maximises, given its patch distances (B, P): plain or standardised per position
 Ranking = Callable[[torch.Tensor], torch.Tensor]
 
+# With cross-fitting, a graph search asks for this many neighbours so that one not from the query's own
+# image is almost always among them (the rest are searched exactly).
+_CANDIDATES_WITH_EXCLUSION = 4
 # Each image's top patches searched again at this wider beam before the exact passes (see
 # GraphSearch.search_top_again): 8 and 32 left those passes a quarter of the rows on magnetic_tile.
 TOP_PATCHES_SEARCHED_AGAIN = 8
 WIDER_EF_SEARCH = 32
+
+
+@dataclass(frozen=True)
+class Exclusion:
+    """Bank rows a query may not match, for cross-fitting: the rows that came from the query's own image.
+    ``bank_sources`` (N,) gives each bank row's image, ``image_sources`` (B,) each query image's."""
+
+    bank_sources: torch.Tensor
+    image_sources: torch.Tensor
+
+    def per_query(self, patches_per_image: int) -> torch.Tensor:
+        """(B * P,) the source of every query row, image by image."""
+        return self.image_sources.repeat_interleave(patches_per_image)
 
 
 class ExactSearch(nn.Module):
@@ -38,10 +55,31 @@ class ExactSearch(nn.Module):
         distances = (partial_min + (queries * queries).sum(1)).clamp_min(0).sqrt()
         return distances, nearest
 
-    def in_blocks(self, queries: torch.Tensor, block: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`forward` a bounded block of queries at a time (eager only: bounds the distance matrix)."""
-        found = [self(part) for part in queries.split(block)]
+    def in_blocks(
+        self,
+        queries: torch.Tensor,
+        sources: torch.Tensor | None = None,
+        bank_sources: torch.Tensor | None = None,
+        block: int = 1024,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` a bounded block of queries at a time (eager only: bounds the distance matrix);
+        with ``sources`` (M,) and ``bank_sources`` (N,), a query never matches a row of its own source."""
+        if sources is None:
+            found = [self(part) for part in queries.split(block)]
+        else:
+            found = [
+                self._excluding(part, own, bank_sources)
+                for part, own in zip(queries.split(block), sources.split(block), strict=True)
+            ]
         return torch.cat([d for d, _ in found]), torch.cat([i for _, i in found])
+
+    def _excluding(
+        self, queries: torch.Tensor, sources: torch.Tensor, bank_sources: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        partial = torch.addmm(self.bank_norms, queries, self.bank.T, alpha=-2)
+        partial.masked_fill_(bank_sources[None, :] == sources[:, None], torch.inf)
+        partial_min, nearest = partial.min(dim=1)
+        return (partial_min + (queries * queries).sum(1)).clamp_min(0).sqrt(), nearest
 
 
 class GraphSearch:
@@ -65,19 +103,54 @@ class GraphSearch:
         _, found = self.index.search(rows.float().cpu().numpy(), k, params=params)
         return torch.from_numpy(found)
 
-    def search(self, queries: torch.Tensor, ranked: Ranking) -> tuple[torch.Tensor, torch.Tensor]:
+    def search(
+        self, queries: torch.Tensor, ranked: Ranking, exclusion: Exclusion | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, P, D) queries -> (distances, indices), each (B, P), every image's top patch by ``ranked``
-        exact."""
+        exact; with an ``exclusion``, no query matches a bank row of its own image."""
         b, p, d = queries.shape
-        squared, found = self.index.search(queries.reshape(-1, d).float().numpy(), 1)
-        distances = torch.from_numpy(squared[:, 0]).clamp_min_(0).sqrt_().view(b, p)
-        nearest = torch.from_numpy(found[:, 0]).view(b, p)
-        self.search_top_again(queries, distances, nearest, ranked)
-        self.make_maximum_exact(queries, distances, nearest, ranked)
+        sources = None if exclusion is None else exclusion.per_query(p)
+        distances, nearest = self._graph_nearest(queries.reshape(-1, d), sources, exclusion, None)
+        distances, nearest = distances.view(b, p), nearest.view(b, p)
+        self.search_top_again(queries, distances, nearest, ranked, exclusion)
+        self.make_maximum_exact(queries, distances, nearest, ranked, exclusion)
         return distances, nearest
 
+    def _graph_nearest(
+        self,
+        rows: torch.Tensor,
+        sources: torch.Tensor | None,
+        exclusion: Exclusion | None,
+        params: faiss.SearchParametersHNSW | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(M, D) rows -> (distances, indices) by graph search; -1 where it found nothing. With an
+        exclusion, the nearest of a few candidates that is not from the row's own source; rows whose
+        candidates all are get an exact search."""
+        k = 1 if sources is None else _CANDIDATES_WITH_EXCLUSION
+        squared, found = self.index.search(rows.float().numpy(), k, params=params)
+        squared, found = torch.from_numpy(squared), torch.from_numpy(found)
+        if sources is not None:
+            allowed = (found >= 0) & (exclusion.bank_sources[found.clamp_min(0)] != sources[:, None])
+            first = allowed.to(torch.uint8).argmax(dim=1, keepdim=True)  # candidates come nearest first
+            squared, found = (
+                squared.gather(1, first),
+                torch.where(allowed.gather(1, first), found.gather(1, first), -1),
+            )
+            lost = (found[:, 0] < 0).nonzero()[:, 0]
+            if len(lost):
+                exact_distances, exact_found = self.exact.in_blocks(
+                    rows[lost], sources[lost], exclusion.bank_sources
+                )
+                squared[lost, 0], found[lost, 0] = exact_distances.square(), exact_found
+        return squared[:, 0].clamp_min(0).sqrt(), found[:, 0]
+
     def search_top_again(
-        self, queries: torch.Tensor, distances: torch.Tensor, nearest: torch.Tensor, ranked: Ranking
+        self,
+        queries: torch.Tensor,
+        distances: torch.Tensor,
+        nearest: torch.Tensor,
+        ranked: Ranking,
+        exclusion: Exclusion | None = None,
     ) -> None:
         """A graph search that misses a patch's nearest row overestimates its distance, so the misses gather
         at the top of each image's ranking, where :meth:`make_maximum_exact` must then recompute many rows
@@ -89,16 +162,21 @@ class GraphSearch:
         top = ranked(distances).topk(k, dim=1).indices  # (B, k)
         rows = queries.gather(1, top[..., None].expand(-1, -1, queries.shape[2]))
         wider = faiss.SearchParametersHNSW(efSearch=max(WIDER_EF_SEARCH, self.ef_search))
-        squared, found = self.index.search(rows.reshape(-1, rows.shape[2]).float().numpy(), 1, params=wider)
-        again = torch.from_numpy(squared[:, 0]).clamp_min_(0).sqrt_().view_as(top)
-        found = torch.from_numpy(found[:, 0]).view_as(top)
+        sources = None if exclusion is None else exclusion.per_query(k)
+        again, found = self._graph_nearest(rows.reshape(-1, rows.shape[2]), sources, exclusion, wider)
+        again, found = again.view_as(top), found.view_as(top)
         current = distances.gather(1, top)
         closer = (again < current) & (found >= 0)  # faiss pads with -1 when it finds nothing
         distances.scatter_(1, top, torch.where(closer, again, current))
         nearest.scatter_(1, top, torch.where(closer, found, nearest.gather(1, top)))
 
     def make_maximum_exact(
-        self, queries: torch.Tensor, distances: torch.Tensor, nearest: torch.Tensor, ranked: Ranking
+        self,
+        queries: torch.Tensor,
+        distances: torch.Tensor,
+        nearest: torch.Tensor,
+        ranked: Ranking,
+        exclusion: Exclusion | None = None,
     ) -> None:
         """The image score is a maximum, so a rare overestimate would inflate it. Recompute exactly each
         image's top two patches, then every patch whose graph distance reaches the exact maximum so found:
@@ -111,7 +189,12 @@ class GraphSearch:
         exact = torch.zeros_like(todo)
         for last_pass in (False, True):
             images, patches = todo.nonzero(as_tuple=True)
-            found_distances, found = self.exact.in_blocks(queries[images, patches])
+            if exclusion is None:
+                found_distances, found = self.exact.in_blocks(queries[images, patches])
+            else:
+                found_distances, found = self.exact.in_blocks(
+                    queries[images, patches], exclusion.image_sources[images], exclusion.bank_sources
+                )
             distances[images, patches] = found_distances
             nearest[images, patches] = found
             exact |= todo

@@ -1,0 +1,188 @@
+"""Thresholds that say what they can promise: cross-fitted scores equal brute-force leave-one-out (or
+k-fold) scores, the bound and the small-n warning, outlying training images, the normalised score."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from imaging_ad.calibration import Calibration, calibrate, fpr_upper_bound, normals_needed
+from imaging_ad.detectors import create_detector
+from imaging_ad.detectors.components.search import Exclusion
+from tests.synthetic import texture
+
+SMALL = {"image_size": 64, "batch_size": 4, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def normals():
+    rng = np.random.default_rng(0)
+    return [texture(rng, 60, 70) for _ in range(12)]
+
+
+def _features(detector, images):
+    """Each image's feature maps, as the fit's pass saw them (batch by batch, then per image)."""
+    per_image = []
+    for features, batch in detector.extracted_batches(images, "features"):
+        per_image += [[f[j : j + 1] for f in features] for j in range(len(batch))]
+    return per_image
+
+
+def test_padim_cross_fitted_scores_equal_refitting_without_each_image(normals):
+    detector = create_detector("padim", **SMALL).fit(normals)
+    assert detector.calibration_.n_normal == len(normals) and "leave-one-out" in detector.calibration_.method
+    features = _features(detector, normals)
+    # the closed form again (fit state kept for the check), against a Gaussian refitted without image i
+    detector.begin_fit(len(normals))
+    for f in features:
+        detector.partial_fit(f)
+    detector.end_fit()
+    for i in (0, 5, 11):
+        _, loo_map = detector.cross_fitted_evidence(features[i], [i])
+        refit = create_detector("padim", **SMALL)
+        refit.use_backbone(detector.extractor_, detector.preprocessor_)
+        refit.begin_fit(len(normals) - 1)
+        for j, f in enumerate(features):
+            if j != i:
+                refit.partial_fit(f)
+        refit.end_fit()
+        refit.refresh_head()
+        _, expected = refit.head_(features[i])
+        np.testing.assert_allclose(loo_map.numpy(), expected.numpy(), rtol=1e-4)
+
+
+def test_patchcore_cross_fitted_distances_skip_the_images_own_bank_rows(normals):
+    for search in ("flat", "hnsw"):
+        detector = create_detector("patchcore", search=search, **SMALL)
+        detector._setup()
+        features = _features(detector, normals)
+        detector.begin_fit(len(normals))
+        for f in features:
+            detector.partial_fit(f)
+        detector.end_fit()
+        sources = detector._bank_sources
+        assert sources.shape[0] == detector.memory_bank_.shape[0] and set(sources.tolist()) <= set(range(12))
+        for i in (0, 7):
+            distances, _ = detector.cross_fitted_evidence(features[i], [i])
+            queries = (
+                detector.head_.embed(features[i])
+                .permute(0, 2, 3, 1)
+                .reshape(-1, detector.memory_bank_.shape[1])
+            )
+            others = detector.memory_bank_[sources != i]
+            brute = torch.cdist(queries, others).min(dim=1).values
+            plain, _ = detector.held_out_evidence(features[i])
+            assert (plain.flatten() <= distances.flatten() * (1 + 1e-5) + 1e-4).all()  # own rows only helped
+            if search == "flat":
+                np.testing.assert_allclose(distances.flatten().numpy(), brute.numpy(), rtol=1e-4, atol=1e-4)
+            else:  # graph search: the image's top patch (what the score reads) is exact
+                top = distances.flatten().argmax()
+                assert float(distances.flatten()[top]) == pytest.approx(float(brute[top]), rel=1e-4)
+        detector.release_fit_state()
+        assert not hasattr(detector, "_bank_sources")
+
+
+def test_exclusion_never_matches_a_row_of_the_same_source():
+    from imaging_ad.detectors.components.search import ExactSearch
+
+    bank = torch.tensor([[0.0, 0.0], [1.0, 0.0], [5.0, 5.0]])
+    search = ExactSearch(bank)
+    queries = torch.tensor([[0.1, 0.0], [0.9, 0.0]])
+    distances, nearest = search.in_blocks(queries, torch.tensor([0, 1]), torch.tensor([0, 1, 2]))
+    assert nearest.tolist() == [1, 0]  # each skips the row of its own source
+    exclusion = Exclusion(torch.tensor([0, 1, 2]), torch.tensor([3, 4]))
+    assert exclusion.per_query(2).tolist() == [3, 3, 4, 4]
+
+
+def test_dfm_cross_fitted_scores_come_from_the_other_folds(normals):
+    detector = create_detector("dfm", **SMALL)
+    detector._setup()
+    features = _features(detector, normals)
+    detector.begin_fit(len(normals))
+    for f in features:
+        detector.partial_fit(f)
+    detector.end_fit()
+    detector.refresh_head()
+    folds = len(detector._fold_models)
+    assert folds == 10
+    for i in (0, 3):
+        score, _ = detector.cross_fitted_evidence(features[i], [i])
+        refit = create_detector("dfm", **SMALL)
+        refit.use_backbone(detector.extractor_, detector.preprocessor_)
+        refit.begin_fit(len(normals))
+        for j, f in enumerate(features):
+            if j % folds != i % folds:
+                refit.partial_fit(f)
+        refit.end_fit()
+        refit.refresh_head()
+        expected, _ = refit.head_(features[i])
+        assert float(score[0]) == pytest.approx(float(expected[0]), rel=1e-4)
+
+
+def test_held_out_detectors_still_split():
+    detector = create_detector("ocsvm")
+    assert detector.cross_fitting is None
+    assert create_detector("ensemble", members=["patchcore", "ocsvm"]).cross_fitting is None
+    assert create_detector("ensemble", members=["patchcore", "padim"]).cross_fitting is not None
+
+
+# -- what a calibration promises -------------------------------------------------------------------------
+
+
+def test_bound_and_small_n_warning():
+    rng = np.random.default_rng(0)
+    pixels = rng.normal(size=1000)
+    few = calibrate(rng.normal(size=107), pixels, 0.01, method="test")
+    many = calibrate(rng.normal(size=2000), pixels, 0.01, method="test")
+    assert few.n_normal == 107 and few.fpr_resolution == pytest.approx(1 / 107)
+    assert few.fpr_upper_bound > 0.03 and "cannot support" in few.warnings[0]
+    assert str(normals_needed(0.01)) in few.warnings[0]
+    assert many.fpr_upper_bound < 0.02 and not many.warnings
+    # the bound's definition: the exceedance of the (n - k)-th order statistic is Beta(k + 1, n - k)
+    draws = rng.beta(3, 98, size=200_000)
+    assert fpr_upper_bound(100, 2) == pytest.approx(np.quantile(draws, 0.95), rel=0.01)
+
+
+def test_outlying_training_images_are_listed_and_a_heavy_tail_warned():
+    rng = np.random.default_rng(1)
+    scores = rng.normal(size=500)
+    scores[17] = 40.0  # a mislabelled anomaly among the normals
+    names = [f"img{i}.png" for i in range(500)]
+    calibration = calibrate(scores, rng.normal(size=100), 0.01, names=names)
+    assert calibration.outliers[0] == ("img17.png", 40.0)
+    assert any("far above the rest" in w for w in calibration.warnings)
+
+
+def test_normalised_score_keeps_ranking_far_above_the_threshold():
+    calibration = Calibration(10.0, 1.0, 2.0, 0.01, 500)
+    assert calibration.normalize(10.0) == pytest.approx(0.5)
+    far, farther = calibration.normalize([210.0, 2010.0])
+    assert 0.99 < far < farther < 1.0 and f"{far:.3f}" != f"{farther:.4f}"
+    for t in (0.05, 0.5, 0.93, 0.999):
+        assert calibration.normalize(calibration.raw_score(t)) == pytest.approx(t)
+
+
+def test_calibrations_saved_before_the_new_fields_still_load():
+    old = {
+        "image_threshold": 3.0,
+        "pixel_threshold": 1.0,
+        "score_scale": 0.5,
+        "target_fpr": 0.01,
+        "n_normal": 8,
+    }
+    calibration = Calibration.from_dict(old)
+    assert calibration.fpr_upper_bound is None and calibration.warnings == () and calibration.n_normal == 8
+    assert Calibration.from_dict(calibration.to_dict()) == calibration
+
+
+def test_fit_and_recalibrate_say_when_the_normals_cannot_support_the_target(normals):
+    from imaging_ad.detectors import CalibrationWarning
+
+    with pytest.warns(CalibrationWarning, match="cannot support a 1.0% false-positive rate"):
+        detector = create_detector("padim", **SMALL).fit(normals)
+    site = [texture(np.random.default_rng(9), 60, 70) for _ in range(6)]
+    with pytest.warns(CalibrationWarning):
+        calibration = detector.recalibrate(site, source="site X")
+    assert calibration.method == "site calibration" and calibration.source == "site X"
+    assert calibration.n_normal == 6 and detector.calibration_ is calibration
