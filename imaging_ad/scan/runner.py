@@ -212,7 +212,9 @@ def scan(
     calibration = detector.calibration_
     if calibration is None:
         raise ScanError("the detector is not fitted: it has no calibration")
-    if detector.name != description["detector"] or calibration != Calibration.from_dict(description["calibration"]):
+    if detector.name != description["detector"] or calibration != Calibration.from_dict(
+        description["calibration"]
+    ):
         raise ScanError(
             f"the detector passed in was not loaded from {model_path}; results would be mislabelled"
         )
