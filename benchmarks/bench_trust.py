@@ -192,6 +192,66 @@ def measure(args: argparse.Namespace) -> None:
     Path(args.out).write_text(json.dumps(out, indent=2))
 
 
+def variants(args: argparse.Namespace) -> None:
+    """A scoring-time hyperparameter (one that needs no refit, e.g. PatchCore's ``border``) at several
+    values: each dataset is fitted once with the defaults, then evaluated with each value."""
+    from imaging_ad.data import discover_dataset
+    from imaging_ad.detectors import create_detector
+    from imaging_ad.evaluation import evaluate
+
+    values = [int(v) if v.lstrip("-").isdigit() else float(v) for v in args.values]
+    rows = []
+    for name in args.datasets:
+        dataset = discover_dataset(SHARED / name)
+        detector = create_detector("patchcore", progress=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            detector.fit(dataset.train)
+        for value in values:
+            setattr(detector, args.param, value)
+            detector.refresh_head()
+            evaluation = evaluate(detector, dataset)
+            report = evaluation.report
+            row = {
+                "dataset": name,
+                args.param: value,
+                "image_auroc": report["image_auroc"],
+                "pixel_auroc": report.get("pixel_auroc"),
+                "aupro": report.get("aupro"),
+                "heatmap_max_in_border": float(np.mean([in_border(r.heatmap) for r in evaluation.results])),
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    lines = [
+        f"\n## PatchCore's `{args.param}` over every dataset — {date.today().isoformat()}\n",
+        f"Machine: {machine()}  \nCommand: `python benchmarks/bench_trust.py variants --param {args.param} "
+        f"--values {' '.join(args.values)}` (default PatchCore fitted once per dataset, evaluated per value).\n",
+        f"| dataset | {args.param} | image AUROC | pixel AUROC | AUPRO | heatmap max in 8% border |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['dataset']} | {r[args.param]} | {_f(r['image_auroc'])} | {_f(r['pixel_auroc'])} "
+            f"| {_f(r['aupro'])} | {r['heatmap_max_in_border']:.1%} |"
+        )
+    for value in values:
+        chosen = [r for r in rows if r[args.param] == value]
+        mean = {
+            key: np.mean([r[key] for r in chosen if r[key] is not None])
+            for key in ("image_auroc", "pixel_auroc", "aupro", "heatmap_max_in_border")
+        }
+        lines.append(
+            f"| **mean** | {value} | {_f(mean['image_auroc'])} | {_f(mean['pixel_auroc'])} | {_f(mean['aupro'])} "
+            f"| {mean['heatmap_max_in_border']:.1%} |"
+        )
+    text = "\n".join(lines) + "\n"
+    print(text)
+    Path(args.out).write_text(json.dumps(rows, indent=2))
+    if args.record:
+        with RESULTS.open("a") as handle:
+            handle.write(text)
+
+
 def _f(value, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
@@ -280,6 +340,13 @@ def main() -> None:
     m.add_argument("--accuracy-only", action="store_true")
     m.add_argument("--out", required=True)
     m.set_defaults(run=measure)
+    v = sub.add_parser("variants")
+    v.add_argument("--param", required=True)
+    v.add_argument("--values", nargs="+", required=True)
+    v.add_argument("--datasets", nargs="+", default=list(DATASETS))
+    v.add_argument("--out", required=True)
+    v.add_argument("--record", action="store_true")
+    v.set_defaults(run=variants)
     r = sub.add_parser("report")
     r.add_argument("--new", required=True)
     r.add_argument("--baseline", default=None)

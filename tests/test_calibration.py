@@ -186,3 +186,45 @@ def test_fit_and_recalibrate_say_when_the_normals_cannot_support_the_target(norm
         calibration = detector.recalibrate(site, source="site X")
     assert calibration.method == "site calibration" and calibration.source == "site X"
     assert calibration.n_normal == 6 and detector.calibration_ is calibration
+
+
+def test_patchcore_border_band_neither_scores_nor_shows(tmp_path):
+    """A defect in the ignored outer band hardly moves the score (only through the receptive field of
+    the cells next to it), one inside is still found; the band shows each position's typical normal
+    distance; the setting is saved with the model."""
+    import warnings
+
+    from imaging_ad.detectors import load_detector
+
+    rng = np.random.default_rng(5)
+    normals = [texture(rng, 128, 128) for _ in range(12)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 12 normals cannot support 1%: not what this test is about
+        detector = create_detector("patchcore", border=1, **{**SMALL, "image_size": 128}).fit(normals)
+    clean = texture(rng, 128, 128)
+    corner, middle = clean.copy(), clean.copy()
+    corner[:10, :10] = 0  # inside the outer cell of the 8x8 grid (16 px cells at 128 px)
+    middle[56:72, 56:72] = 0
+
+    def scores() -> list[float]:
+        return [r.score for r in detector.predict([clean, corner, middle])]
+
+    with_band = scores()
+    detector.border = 0
+    detector.refresh_head()
+    without_band = scores()
+    detector.border = 1
+    detector.refresh_head()
+    assert with_band[1] - with_band[0] < 0.5 * (without_band[1] - without_band[0])
+    assert with_band[2] > 2 * with_band[0] and with_band[2] > detector.calibration_.image_threshold
+
+    grid = detector.head_.shown(torch.zeros(1, 64))[0]
+    band = detector.head_.band(torch.zeros(1, 64))
+    assert band.sum() == 64 - 36 and torch.equal(grid[band], detector.position_mean_[band])
+    assert (detector.head_.ranked(torch.zeros(1, 64))[0, band] == -torch.inf).all()
+    heatmap = detector.predict(middle)[0].heatmap
+    y, x = np.unravel_index(np.argmax(heatmap), heatmap.shape)
+    assert 40 <= y < 88 and 40 <= x < 88
+
+    detector.save(tmp_path / "m.safetensors")
+    assert load_detector(tmp_path / "m.safetensors").border == 1

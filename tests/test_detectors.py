@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -285,10 +286,14 @@ def test_patchcore_extend_memory_bank_recalibrates_as_a_fit_with_that_bank_would
     scratch = create_detector("patchcore", **FAST)
     scratch._setup()
     scratch.use_memory_bank(detector.memory_bank_.clone())
-    scratch.calibration_ = scratch._calibrate(calibration)
+    scratch.calibration_ = scratch._calibrate(
+        calibration, "normals kept out of the extended bank", f"{len(calibration)} normals"
+    )
     assert torch.equal(scratch.position_mean_, detector.position_mean_)
     assert torch.equal(scratch.position_std_, detector.position_std_)
-    assert scratch.calibration_ == detector.calibration_
+    # the same thresholds; the extended detector keeps its domain guard (the scratch one has none)
+    assert scratch.calibration_ == replace(detector.calibration_, domain_threshold=None, training_facts=None)
+    assert detector.calibration_.domain_threshold is not None
     assert [r.score for r in scratch.predict(clean)] == [r.score for r in detector.predict(clean)]
     with pytest.raises(ValueError, match="at least two"):
         detector.extend_memory_bank(added, calibration[:1])

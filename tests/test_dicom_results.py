@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,19 +23,41 @@ SOURCES = {"ct/CT_small.dcm": "CT_small.dcm", "mr/MR_small": "MR_small.dcm"}  # 
 KOS_STORAGE = "1.2.840.10008.5.1.4.1.1.88.59"
 
 
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory) -> Path:
-    """A PatchCore fitted on textures: to it, a CT or MR slice is as anomalous as an image gets."""
+def fitted_on_textures(folder: Path, guard: bool) -> Path:
+    """A PatchCore fitted on textures: to it, a CT or MR slice is as anomalous as an image gets. Its
+    out-of-domain guard rightly calls them foreign; without the guard (``guard=False``, as a model saved
+    before the guard existed) they are scored and flagged."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # many tiny ops: one thread is faster on a shared 2-core machine
     try:
         rng = np.random.default_rng(0)
-        path = tmp_path_factory.mktemp("dicom_model") / "textures.safetensors"
+        path = folder / "textures.safetensors"
         params = {"image_size": 128, "batch_size": 8, "progress": False, "holdout_fraction": 0.2}
-        create_detector("patchcore", **params).fit([texture(rng) for _ in range(24)]).save(path)
+        detector = create_detector("patchcore", **params).fit([texture(rng) for _ in range(24)])
+        if not guard:
+            detector.domain_guard_ = None
+            detector.calibration_ = replace(detector.calibration_, domain_threshold=None, training_facts=None)
+        detector.save(path)
     finally:
         torch.set_num_threads(threads)
     return path
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory) -> Path:
+    return fitted_on_textures(tmp_path_factory.mktemp("dicom_model"), guard=False)
+
+
+def test_slices_outside_the_domain_get_no_dicom_results(folder, tmp_path, capsys):
+    """A DICOM result says "flagged" to a PACS: never for an image whose score means nothing."""
+    pytest.importorskip("highdicom")
+    model = fitted_on_textures(tmp_path, guard=True)
+    out, dicom_out = tmp_path / "scan", tmp_path / "dicom"
+    assert main(["scan", str(folder), "--model", str(model), "--out", str(out), "--no-progress",
+                 "--dicom-out", str(dicom_out)]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "2 outside this model's training domain" in printed
+    assert not list(dicom_out.rglob("*.dcm"))
 
 
 @pytest.fixture

@@ -102,8 +102,9 @@ def test_export_reproduces_checkpoint_on_synthetic_images(fitted, textures, form
     model = load_exported(files.model, device="cpu")
     assert_parity(model.predict(test), fitted.predict(test), f"{fitted.name}/{format}")
     for batch in (1, 5):  # the batch axis stays free
-        scores, heatmaps = model.score_batch(model.preprocessor_.batch(test[:batch]))
+        scores, heatmaps, distances = model.score_batch(model.preprocessor_.batch(test[:batch]))
         assert scores.shape == (batch,) and heatmaps.shape == (batch, 128, 128)
+        assert distances is None or distances.shape == (batch,)
 
 
 def test_patchcore_with_graph_search_keeps_exact_image_scores(textures, tmp_path):

@@ -158,10 +158,10 @@ def test_scan_turns_a_nan_score_into_an_error_row(model, detector, tmp_path, mon
     original = detector.score_batch
 
     def nan_for_the_second(batch):
-        scores, maps = original(batch)
+        scores, maps, distances = original(batch)
         scores[1] = np.nan
         maps[2][0, 0] = np.inf
-        return scores, maps
+        return scores, maps, distances
 
     monkeypatch.setattr(detector, "score_batch", nan_for_the_second)
     summary = scan(folder, model, tmp_path / "out", detector=detector, heatmaps="all")

@@ -115,11 +115,13 @@ def assert_one_row_per_file(out: Path, root: Path) -> list[dict]:
     assert set(paths) == expected_paths(root)
     # the CSV is rebuilt from the JSONL: same rows, same order
     assert [r["path"] for r in csv_rows(out)] == paths
-    # every overlay a row names exists and decodes at the image's original size
+    # every overlay a row names exists and decodes at the image's original height, with its colour bar
+    # to the right of the image
     for row in rows:
         if row["heatmap"]:
             image = cv2.imread(str(out / row["heatmap"]))
-            assert image is not None and image.shape == (row["height"], row["width"], 3), row
+            assert image is not None and image.shape[0] == row["height"], row
+            assert image.shape[1] > row["width"] and image.shape[2] == 3, row
     return rows
 
 
@@ -155,7 +157,8 @@ def test_cli_bad_files_get_rows_and_exit_zero(model_path, folder, tmp_path, caps
     assert min(r["score"] for r in defects) > max(r["score"] for r in good)
     for r in scored:
         assert r["is_anomaly"] == (r["score"] > r["threshold"])
-        assert (r["heatmap"] is not None) == r["is_anomaly"]  # --heatmaps flagged (the default)
+        # --heatmaps flagged (the default): flagged images, and those outside the domain for review
+        assert (r["heatmap"] is not None) == (r["is_anomaly"] or bool(r["out_of_domain"]))
     assert rows[f"defects/{NASTY}"]["heatmap"] == f"heatmaps/defects/{NASTY[: -len('.png')]}_heatmap.png"
 
     page = (out / "report.html").read_text(encoding="utf-8")
@@ -313,8 +316,11 @@ def test_report_renders_in_headless_chromium(model_path, detector, folder, tmp_p
     sync_api = pytest.importorskip("playwright.sync_api")
     out = tmp_path / "out"
     summary = scan(folder, model_path, out, detector=detector)
-    flagged = [r for r in rows_of(out) if r["is_anomaly"]]
-    assert flagged and summary.n_flagged == len(flagged)
+    rows = rows_of(out)
+    flagged = [r for r in rows if r["is_anomaly"] and not r["out_of_domain"]]
+    outside = [r for r in rows if r["out_of_domain"]]
+    assert summary.n_flagged == len(flagged) and summary.n_out_of_domain == len(outside)
+    assert flagged or outside
 
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
@@ -328,10 +334,12 @@ def test_report_renders_in_headless_chromium(model_path, detector, folder, tmp_p
         injected = page.eval_on_selector_all("b", "els => els.length")
         svg_bars = page.eval_on_selector_all("svg.hist rect", "els => els.length")
         browser.close()
-    assert len(images) == len(flagged)
+    assert len(images) == len(flagged) + len(outside)
     assert all(complete and width > 0 for _, complete, width in images), images
-    # highest score first, names shown as text
-    assert captions == [r["path"] for r in sorted(flagged, key=lambda r: -r["score"])]
+    # flagged by highest score first, then the images outside the domain farthest first; names as text
+    assert captions == [r["path"] for r in sorted(flagged, key=lambda r: -r["score"])] + [
+        r["path"] for r in sorted(outside, key=lambda r: -r["domain_score"])
+    ]
     assert f"defects/{NASTY}" in captions and injected == 0
     assert svg_bars > 0
 

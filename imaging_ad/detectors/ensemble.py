@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imaging_ad.detectors.base import Detector, Evidence
-from imaging_ad.detectors.components.feature_cache import FeatureCache
+from imaging_ad.detectors.components.domain_guard import FitRecorder
 from imaging_ad.detectors.registry import DETECTORS, register_detector
 from imaging_ad.detectors.trained import ImageSpaceDetector, TrainedDetector
 from imaging_ad.io.items import ImageInput
@@ -150,23 +150,23 @@ class Ensemble(Detector):
 
     # -- fit ------------------------------------------------------------------------------------
 
-    def learn(self, images: list[ImageInput], cache: FeatureCache | None = None) -> None:
-        """Streaming members learn from one shared backbone pass (``cache`` keeps features for cross-fitted
-        calibration); trained members (feature autoencoders) then read their own, possibly augmented,
-        passes and train."""
+    def learn(self, images: list[ImageInput], recorder: FitRecorder | None = None) -> None:
+        """Streaming members learn from one shared backbone pass (``recorder`` keeps what the domain guard
+        and cross-fitted calibration need); trained members (feature autoencoders) then read their own,
+        possibly augmented, passes and train (the first of them records when no member streams)."""
         streaming = [(i, m) for i, m in enumerate(self.members_) if not isinstance(m, TrainedDetector)]
         if streaming:
             for _, member in streaming:
                 member.begin_fit(len(images))
-            for features, _ in self.extracted_batches(images, desc=f"{self.name}: fit", cache=cache):
+            for features, _ in self.extracted_batches(images, desc=f"{self.name}: fit", recorder=recorder):
                 for i, member in streaming:
                     member.partial_fit(self._member_features(features, i))
             for _, member in streaming:
                 member.end_fit()
                 member.refresh_head()
-        for member in self.members_:
-            if isinstance(member, TrainedDetector):
-                member.learn(images)
+        trained = [m for m in self.members_ if isinstance(m, TrainedDetector)]
+        for k, member in enumerate(trained):
+            member.learn(images, recorder if not streaming and k == 0 else None)
 
     def held_out_evidence(self, features: list[torch.Tensor]) -> list[Evidence]:
         return [m.held_out_evidence(self._member_features(features, i)) for i, m in enumerate(self.members_)]

@@ -15,6 +15,8 @@ plain distances, which localise better.
 from __future__ import annotations
 
 import copy
+import math
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -50,9 +52,11 @@ class PatchCoreHead(nn.Module):
         position_mean: torch.Tensor | None = None,
         position_std: torch.Tensor | None = None,
         graph: GraphSearch | None = None,
+        border: int = 0,
     ) -> None:
         super().__init__()
         self.neighbourhood = neighbourhood
+        self.border = border
         self.reweight = (
             reweight_neighbours if reweight_neighbours > 1 and bank.shape[0] > reweight_neighbours else 0
         )
@@ -75,10 +79,28 @@ class PatchCoreHead(nn.Module):
 
     def ranked(self, patch_scores: torch.Tensor) -> torch.Tensor:
         """What the image score maximises: patch distances standardised per position when statistics of
-        held-out normals are known, plain distances otherwise."""
-        if not self.standardise:
-            return patch_scores
-        return (patch_scores - self.position_mean) / self.position_std
+        held-out normals are known, plain distances otherwise; cells of the ignored border band rank
+        last."""
+        ranked = patch_scores
+        if self.standardise:
+            ranked = (patch_scores - self.position_mean) / self.position_std
+        return ranked if not self.border else ranked.masked_fill(self.band(patch_scores), -torch.inf)
+
+    def band(self, patch_scores: torch.Tensor) -> torch.Tensor:
+        """(P,) True on the grid's outer ``border`` cells (the grid is square: images are letterboxed)."""
+        side = math.isqrt(patch_scores.shape[-1])
+        assert side * side == patch_scores.shape[-1], "PatchCore's grid is square"
+        inner = torch.zeros(side, side, dtype=torch.bool, device=patch_scores.device)
+        inner[self.border : side - self.border, self.border : side - self.border] = True
+        return ~inner.reshape(-1)
+
+    def shown(self, distances: torch.Tensor) -> torch.Tensor:
+        """(B, P) distances as the heatmap shows them: the ignored band gets each position's typical
+        normal distance (its mean over held-out normals, else the image's lowest), so it never looks hot."""
+        if not self.border:
+            return distances
+        normal = self.position_mean if self.standardise else distances.min(dim=1, keepdim=True).values
+        return torch.where(self.band(distances), normal, distances)
 
     def patch_distances(
         self, features: list[torch.Tensor], ranked: bool = True, exclusion: Exclusion | None = None
@@ -104,7 +126,7 @@ class PatchCoreHead(nn.Module):
 
     def forward(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         queries, distances, nearest, (h, w) = self.patch_distances(features)
-        return self.image_scores(queries, distances, nearest), distances.reshape(-1, h, w)
+        return self.image_scores(queries, distances, nearest), self.shown(distances).reshape(-1, h, w)
 
     def image_scores(
         self, queries: torch.Tensor, distances: torch.Tensor, nearest: torch.Tensor
@@ -168,6 +190,10 @@ class PatchCore(Detector):
         (exact), ``"hnsw"``; the HNSW graph's links per node and search beam.
     position_statistics
         rank patches for the image score by their distance standardised per position (see above).
+    border
+        feature cells of the outer band that neither score nor show in the heatmap (0: none). The band
+        holds convolution padding and, on radiographs, collimator edges, markers and leads: see
+        benchmarks/RESULTS.md for what it does to each dataset.
     """
 
     # Strides 16 and 32 of EfficientNet-Lite measured best on magnetic_tile (image AUROC 0.936 vs 0.873
@@ -184,6 +210,7 @@ class PatchCore(Detector):
         "search": OneOf(("auto", "flat", "hnsw")),
         "hnsw_links": Interval(2, 256),
         "hnsw_ef_search": Interval(1, 4096),
+        "border": Interval(0, 8),
     }
 
     def __init__(
@@ -201,6 +228,7 @@ class PatchCore(Detector):
         hnsw_links: int = 16,
         hnsw_ef_search: int = 8,
         position_statistics: bool = True,
+        border: int = 0,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -214,6 +242,7 @@ class PatchCore(Detector):
         self.hnsw_links = hnsw_links
         self.hnsw_ef_search = hnsw_ef_search
         self.position_statistics = position_statistics
+        self.border = border
         self.memory_bank_: torch.Tensor | None = None
         self.bank_neighbours_: torch.Tensor | None = None
         # per-position mean and spread of held-out normals' patch distances, (h * w,) each
@@ -277,10 +306,10 @@ class PatchCore(Detector):
     def _find_bank_neighbours(self) -> torch.Tensor:
         """(N, b) int64: each memory-bank row's ``b`` nearest rows, itself first — the neighbourhood of
         PatchCore's re-weighting, looked up once here instead of a distance pass over the bank per image.
-        Found with the graph search at a wider beam, or by matrix products."""
+        Found by matrix products, or for a large bank searched by graph, with the graph at a wider beam."""
         bank = self.memory_bank_
         b = min(max(self.reweight_neighbours, 1), bank.shape[0])
-        if self._graph is not None:
+        if self._graph is not None and len(bank) > _EXACT_SEARCH_LIMIT:
             # a beam of 2b finds 99.2% of the 8 nearest rows of the tiles bank (99.6% at 32, 1.6x slower)
             found = self._graph.nearest_rows(bank, b + 1, ef_search=max(16, 2 * b))  # -1 pads
         else:
@@ -308,6 +337,7 @@ class PatchCore(Detector):
             self.position_mean_,
             self.position_std_,
             graph=self._graph,
+            border=self.border,
         )
 
     def export_head(self) -> PatchCoreHead:
@@ -331,13 +361,18 @@ class PatchCore(Detector):
         self, features: list[torch.Tensor], exclusion: Exclusion | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(patch distances (B, h, w), every patch's re-weighting factor (B, h * w)): which patch will rank
-        first is known only once the per-position statistics are, so every patch's factor is kept."""
+        first is known only once the per-position statistics are, so every patch's factor is kept. Every
+        patch's distance enters those statistics, so a small bank is searched exactly here even when
+        scoring uses the graph (which is exact only for each image's top patches)."""
+        head = self.head_
+        if self._graph is not None and len(self.memory_bank_) <= _EXACT_SEARCH_LIMIT:
+            head = head.without_graph_search()
         with torch.inference_mode():
-            queries, distances, nearest, (h, w) = self.head_.patch_distances(features, False, exclusion)
+            queries, distances, nearest, (h, w) = head.patch_distances(features, False, exclusion)
             images_at_once = max(1, 1024 // distances.shape[1])  # bounds the (B, P, b, D) gather
             factors = torch.cat(
                 [
-                    self.head_.reweighting_factors(q, n)
+                    head.reweighting_factors(q, n)
                     for q, n in zip(queries.split(images_at_once), nearest.split(images_at_once), strict=True)
                 ]
             )
@@ -363,9 +398,9 @@ class PatchCore(Detector):
         self.position_mean_ = self.position_std_ = None
         n = distances.shape[0]
         if not self.position_statistics or n < _MIN_IMAGES_FOR_POSITION_STATISTICS:
-            best, where = distances.max(dim=1)
             self.refresh_head()
-            return (factors.gather(1, where[:, None])[:, 0] * best).float(), maps
+            best, where = self.head_.ranked(distances).max(dim=1)
+            return (factors.gather(1, where[:, None])[:, 0] * best).float(), self._shown(maps)
         total, total_squares = distances.sum(0), distances.square().sum(0)
         mean = total / n
         std = ((total_squares - n * mean.square()) / (n - 1)).clamp_min(0).sqrt()
@@ -377,8 +412,15 @@ class PatchCore(Detector):
         others_mean = (total - distances) / (n - 1)
         others_variance = (total_squares - distances.square() - (n - 1) * others_mean.square()) / (n - 2)
         standardised = (distances - others_mean) / others_variance.clamp_min(0).sqrt().clamp_min(floor)
+        if self.border:
+            standardised = standardised.masked_fill(self.head_.band(standardised), -torch.inf)
         best, where = standardised.max(dim=1)
-        return (factors.gather(1, where[:, None])[:, 0] * best).float(), maps
+        return (factors.gather(1, where[:, None])[:, 0] * best).float(), self._shown(maps)
+
+    def _shown(self, maps: torch.Tensor) -> torch.Tensor:
+        """(N, h, w) patch-distance maps as the head shows them (the ignored band at typical values)."""
+        flat = maps.flatten(1).to(self.device_)
+        return self.head_.shown(flat).reshape(maps.shape).to(maps.device)
 
     def extend_memory_bank(
         self,
@@ -412,10 +454,15 @@ class PatchCore(Detector):
         with torch.inference_mode():
             chosen = select_more_centres(self.memory_bank_, candidates.to(self.memory_bank_.device), k)
         self.use_memory_bank(torch.cat([self.memory_bank_, candidates[chosen].to(self.memory_bank_.device)]))
-        self.calibration_ = self._calibrate(
-            list(calibration_images),
-            "normals kept out of the extended bank",
-            f"{len(calibration_images)} normals",
+        earlier = self.calibration_
+        self.calibration_ = replace(  # the domain guard knows the same training images as before
+            self._calibrate(
+                list(calibration_images),
+                "normals kept out of the extended bank",
+                f"{len(calibration_images)} normals",
+            ),
+            domain_threshold=earlier.domain_threshold,
+            training_facts=earlier.training_facts,
         )
         return int(chosen.numel())
 

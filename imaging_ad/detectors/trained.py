@@ -19,6 +19,7 @@ from torch import nn
 
 from imaging_ad.detectors.augment import build_augmentation, check_augmentation
 from imaging_ad.detectors.base import Detector
+from imaging_ad.detectors.components.domain_guard import FitRecorder
 from imaging_ad.detectors.training import TrainingHistory, train_network
 from imaging_ad.io.items import ImageInput
 
@@ -113,17 +114,24 @@ class TrainedDetector(Detector):
 
     # -- training -------------------------------------------------------------------------------
 
-    def learn(self, train: list[ImageInput]) -> None:
+    def learn(self, train: list[ImageInput], recorder: FitRecorder | None = None) -> None:
+        """Cache the training inputs (the originals, then ``augmented_copies`` randomly augmented copies)
+        and train the network with early stopping on held-out normals; ``recorder`` sees the un-augmented
+        passes (the domain guard's vectors and the images' facts)."""
         fit_images, validation_images = self._split_validation(train)
-        # the originals, then ``augmented_copies`` randomly augmented copies of them
         views = 1 + self.augmented_copies
         train_inputs = torch.cat(
             [
-                self._cache(fit_images, view, f"{self.name}: features (view {view + 1}/{views})")
+                self._cache(
+                    fit_images,
+                    view,
+                    f"{self.name}: features (view {view + 1}/{views})",
+                    recorder if view == 0 else None,
+                )
                 for view in range(views)
             ]
         )
-        validation_inputs = self._cache(validation_images, 0, f"{self.name}: validation features")
+        validation_inputs = self._cache(validation_images, 0, f"{self.name}: validation features", recorder)
         self._prepare(train_inputs)
         torch.manual_seed(self.seed)
         self.network_ = self._build_network().to(self.device_)
@@ -163,10 +171,12 @@ class TrainedDetector(Detector):
             train = train[: self.max_train_images]  # the order is already random: an even sample
         return [images[i] for i in sorted(train)], [images[i] for i in sorted(validation)]
 
-    def _cache(self, images: list[ImageInput], view: int, desc: str) -> torch.Tensor:
+    def _cache(
+        self, images: list[ImageInput], view: int, desc: str, recorder: FitRecorder | None = None
+    ) -> torch.Tensor:
         augment = build_augmentation(self.augment, seed=self.seed + view) if view > 0 else None
         chunks = []
-        for features, _ in self.extracted_batches(images, desc, transform=augment):
+        for features, _ in self.extracted_batches(images, desc, transform=augment, recorder=recorder):
             with torch.inference_mode():
                 chunks.append(self._training_inputs(features).to("cpu", torch.float16))
         return torch.cat(chunks)

@@ -38,6 +38,9 @@ class ReportData:
     n_out_of_domain: int = 0  # scored, but unlike the training images: no verdict counted
     scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
     flagged: list[dict[str, Any]] = field(default_factory=list)  # highest scores first, at most the limit
+    outside: list[dict[str, Any]] = field(
+        default_factory=list
+    )  # out of domain: farthest first, at most the limit
     errors: list[dict[str, Any]] = field(default_factory=list)  # first ``error_limit`` by path
     error_codes: Counter = field(default_factory=Counter)
 
@@ -48,6 +51,8 @@ class ReportData:
         data = cls()
         scores: list[float] = []
         heap: list[tuple[float, int, dict[str, Any]]] = []
+        outside: list[tuple[float, int, dict[str, Any]]] = []
+        shown = ("path", "score", "normalized_score", "domain_score", "heatmap", "width", "height")
         for n, row in enumerate(rows):
             data.n_rows += 1
             if row.get("error"):
@@ -62,20 +67,24 @@ class ReportData:
             scores.append(float(score))
             if row.get("out_of_domain"):
                 data.n_out_of_domain += 1
+                _keep_top(
+                    outside, (float(row.get("domain_score") or 0.0), -n, _slim(row, shown)), gallery_limit
+                )
             elif row.get("is_anomaly"):
                 data.n_flagged += 1
-                entry = (
-                    float(score),
-                    -n,
-                    _slim(row, ("path", "score", "normalized_score", "heatmap", "width", "height")),
-                )
-                if len(heap) < gallery_limit:
-                    heapq.heappush(heap, entry)
-                elif gallery_limit > 0:
-                    heapq.heappushpop(heap, entry)
+                _keep_top(heap, (float(score), -n, _slim(row, shown)), gallery_limit)
         data.scores = np.asarray(scores, dtype=np.float64)
         data.flagged = [entry for _, _, entry in sorted(heap, key=lambda e: (-e[0], -e[1]))]
+        data.outside = [entry for _, _, entry in sorted(outside, key=lambda e: (-e[0], -e[1]))]
         return data
+
+
+def _keep_top(heap: list, entry: tuple, limit: int) -> None:
+    """Keep the ``limit`` largest entries in a min-heap (bounded memory whatever the number of rows)."""
+    if len(heap) < limit:
+        heapq.heappush(heap, entry)
+    elif limit > 0:
+        heapq.heappushpop(heap, entry)
 
 
 def write_report(
@@ -137,6 +146,7 @@ def render_report(
         "<h2>Score distribution</h2>",
         histogram_svg(data.scores, threshold) if data.scores.size else "<p>No image could be scored.</p>",
         _gallery(data, heatmaps),
+        _outside_gallery(data, heatmaps),
         _error_table(data),
         "</body></html>",
     ]
@@ -223,13 +233,41 @@ def _gallery(data: ReportData, heatmaps: str) -> str:
     title += f"; the top {shown} shown)" if shown < data.n_flagged else ")"
     if not data.flagged:
         return f"<h2>{_e(title)}</h2><p>No image was flagged.</p>"
+    return f'<h2>{_e(title)}</h2><div class="gallery">{_figures(data.flagged, heatmaps, "flagged")}</div>'
+
+
+def _outside_gallery(data: ReportData, heatmaps: str) -> str:
+    """Images unlike the training images: no verdict, so a person should look at them."""
+    if not data.outside:
+        return ""
+    shown = len(data.outside)
+    title = (
+        f"Outside the model's training domain ({data.n_out_of_domain}, least like the training images first"
+    )
+    title += f"; the first {shown} shown)" if shown < data.n_out_of_domain else ")"
+    note = (
+        "<p>Their scores are not meaningful: the model cannot say whether they are normal. Review them.</p>"
+    )
+    return (
+        f'<h2>{_e(title)}</h2>{note}<div class="gallery outside">'
+        f"{_figures(data.outside, heatmaps, 'outside')}</div>"
+    )
+
+
+def _figures(rows: list[dict[str, Any]], heatmaps: str, kind: str) -> str:
     figures = []
-    for rank, row in enumerate(data.flagged, 1):
+    for rank, row in enumerate(rows, 1):
         name = _e(_text(row["path"]))
+        if kind == "outside":
+            distance = row.get("domain_score")
+            detail = (
+                f"{distance:.3g}× the domain limit" if distance is not None else "unlike the training images"
+            )
+        else:
+            detail = f"score {row['score']:.4g} · normalised {row['normalized_score']:.3f}"
         caption = (
             f'<figcaption><span class="rank">{rank}.</span> <span class="path">{name}</span><br>'
-            f"score {row['score']:.4g} · normalised {row['normalized_score']:.3f} · "
-            f"{row.get('width')}×{row.get('height')}</figcaption>"
+            f"{detail} · {row.get('width')}×{row.get('height')}</figcaption>"
         )
         if row.get("heatmap"):
             href = _e(_url(row["heatmap"]))
@@ -237,8 +275,8 @@ def _gallery(data: ReportData, heatmaps: str) -> str:
         else:
             why = "--heatmaps none" if heatmaps == "none" else "no overlay could be drawn"
             picture = f'<div class="noimg">no overlay ({_e(why)})</div>'
-        figures.append(f'<figure class="flagged">{picture}{caption}</figure>')
-    return f'<h2>{_e(title)}</h2><div class="gallery">{"".join(figures)}</div>'
+        figures.append(f'<figure class="{kind}">{picture}{caption}</figure>')
+    return "".join(figures)
 
 
 def _error_table(data: ReportData) -> str:

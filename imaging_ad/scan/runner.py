@@ -461,7 +461,9 @@ class _Runner:
                 continue
             result = outcome.result
             heatmap_rel = None
-            if self.heatmaps == "all" or (result.is_anomaly and self.heatmaps == "flagged"):
+            # "flagged" overlays also show images outside the domain: the report lists them for review
+            needs_review = result.is_anomaly or result.out_of_domain
+            if self.heatmaps == "all" or (needs_review and self.heatmaps == "flagged"):
                 heatmap_rel = self._write_overlay(item, outcome)
             is_dicom = isinstance(outcome.record, ImageRecord) and outcome.record.meta.format == "DICOM"
             if result.verdict == "anomalous" and is_dicom and self.dicom is not None:
