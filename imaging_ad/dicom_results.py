@@ -41,6 +41,7 @@ log = logging.getLogger("imaging_ad.dicom_results")
 
 NOT_FOR_DIAGNOSTIC_USE = "NOT FOR DIAGNOSTIC USE"
 DISCLAIMER = "imaging_ad anomaly heatmap: research output, NOT FOR DIAGNOSTIC USE"
+OUTSIDE_DOMAIN = "OUTSIDE THE MODEL'S TRAINING DOMAIN"
 INDEX_NAME = "flagged.jsonl"
 KOS_NAME = "KO_flagged.dcm"
 MANUFACTURER = "imaging_ad"
@@ -111,12 +112,18 @@ class DicomResultWriter:
         pixels: np.ndarray | None = None,
         pixel_threshold: float | None = None,
         pixel_upper: float | None = None,
+        outside_domain: str | None = None,
     ) -> WrittenResult:
         """Write the Secondary Capture (and Parametric Map) for the flagged DICOM image ``source``.
 
         ``heatmap`` is float at the image's (rows, columns); ``pixels`` the image as read (read again
         from ``source`` when not given); ``pixel_threshold`` and ``pixel_upper`` are the model's colour
         scale (blue is as normal as normal images get; the same scale as every other output).
+
+        ``outside_domain`` (why the image is unlike the model's training images) writes instead a capture
+        of the plain image that says the model has no verdict for it: no heatmap, no parametric map, and
+        the image stays out of the study's selection of flagged images, so a PACS reader sees that the
+        model declined rather than nothing.
         """
         import pydicom
 
@@ -137,13 +144,13 @@ class DicomResultWriter:
 
         with _strict_values():
             capture = self._secondary_capture(
-                ds, pixels, heatmap, score, threshold, pixel_threshold, pixel_upper
+                ds, pixels, heatmap, score, threshold, pixel_threshold, pixel_upper, outside_domain
             )
             sc_path = study_dir / f"SC_{ds.SOPInstanceUID}.dcm"
             _save(capture, sc_path)
 
             pm_path, note = None, None
-            if self.parametric_map:
+            if self.parametric_map and outside_domain is None:
                 try:
                     pm = self._parametric_map(ds, heatmap, pixel_threshold)
                 except (ValueError, TypeError, AttributeError, KeyError) as exc:
@@ -165,6 +172,7 @@ class DicomResultWriter:
             "score": float(score),
             "threshold": float(threshold),
             "model": self.model_name,
+            "outside_domain": outside_domain,
         }
         with self._lock:
             with open(self.out_dir / INDEX_NAME, "a", encoding="utf-8") as index:
@@ -181,6 +189,7 @@ class DicomResultWriter:
         threshold: float,
         pixel_threshold: float | None,
         pixel_upper: float | None,
+        outside_domain: str | None = None,
     ) -> Any:
         import highdicom as hd
         from pydicom.dataset import Dataset as PydicomDataset
@@ -188,7 +197,7 @@ class DicomResultWriter:
 
         picture = capture_picture(
             pixels,
-            heatmap,
+            None if outside_domain else heatmap,
             score=score,
             threshold=threshold,
             pixel_threshold=pixel_threshold,
@@ -215,11 +224,17 @@ class DicomResultWriter:
             # (highdicom insists on one for the constructor, hence the placeholder above).
             capture.PatientOrientation = None
         capture.SeriesDescription = f"imaging_ad heatmaps - {NOT_FOR_DIAGNOSTIC_USE}"
-        capture.ImageComments = f"{DISCLAIMER}. Image score {score:.4g}, threshold {threshold:.4g}."
+        capture.ImageComments = (
+            f"{DISCLAIMER}. Image score {score:.4g}, threshold {threshold:.4g}."
+            if outside_domain is None
+            else f"{DISCLAIMER}. {OUTSIDE_DOMAIN}: {outside_domain}."
+        )[:10240]
         capture.BurnedInAnnotation = "YES"
         capture.ImageType = ["DERIVED", "SECONDARY"]
         capture.DerivationDescription = (
             f"Anomaly heatmap of {self.model_name} over the source image, with colour bar and scores"
+            if outside_domain is None
+            else f"The source image; {self.model_name} gives no verdict for it ({OUTSIDE_DOMAIN})"
         )[:1024]
         reference = PydicomDataset()
         reference.ReferencedSOPClassUID = ds.SOPClassUID
@@ -284,7 +299,8 @@ class DicomResultWriter:
         entries = read_index(self.out_dir)
         by_study: dict[str, list[dict]] = {}
         for entry in entries:
-            by_study.setdefault(entry["study"], []).append(entry)
+            if not entry.get("outside_domain"):  # no verdict: not "flagged"
+                by_study.setdefault(entry["study"], []).append(entry)
         written = []
         for study, members in sorted(by_study.items()):
             sources = []
@@ -370,7 +386,7 @@ def patient_orientation(ds: Dataset) -> tuple[str, str] | None:
 
 def capture_picture(
     pixels: np.ndarray,
-    heatmap: np.ndarray,
+    heatmap: np.ndarray | None,
     *,
     score: float,
     threshold: float,
@@ -381,9 +397,14 @@ def capture_picture(
 ) -> np.ndarray:
     """The overlay with a banner (title, scores, "NOT FOR DIAGNOSTIC USE") and the model's labelled colour
     bar (:func:`imaging_ad.visualize.colour_bar`, the scale of every other output), as uint8 RGB; small
-    images are enlarged so that the text stays legible."""
-    from imaging_ad.visualize import ColourScale, colour_bar, overlay
+    images are enlarged so that the text stays legible. Without a heatmap (an image outside the model's
+    domain) the plain image, with a banner that says there is no verdict."""
+    from imaging_ad.visualize import ColourScale, colour_bar, overlay, to_display_rgb
 
+    if heatmap is None:
+        return _with_banner(
+            to_display_rgb(pixels), [NOT_FOR_DIAGNOSTIC_USE, title, f"{OUTSIDE_DOMAIN}: NO VERDICT"], min_side
+        )
     finite = heatmap[np.isfinite(heatmap)]
     high = float(finite.max()) if finite.size else 1.0
     low = float(finite.min()) if finite.size else 0.0
@@ -391,6 +412,13 @@ def capture_picture(
     top = pixel_upper if pixel_upper is not None and pixel_upper > start else max(high, start + 1e-6)
     scale = ColourScale(start, float(top))
     picture = overlay(pixels, heatmap, vmin=scale.low, vmax=scale.high)
+    lines = [NOT_FOR_DIAGNOSTIC_USE, title, f"image score {score:.4g} > threshold {threshold:.4g}"]
+    return _with_banner(picture, lines, min_side, lambda height: colour_bar(height, scale))
+
+
+def _with_banner(picture: np.ndarray, lines: list[str], min_side: int, panel_of=None) -> np.ndarray:
+    """``picture`` enlarged to ``min_side`` (legible text), a side panel (``panel_of(height)``) to its
+    right, and a banner of ``lines`` above both (the first in red)."""
     height, width = picture.shape[:2]
     factor = max(1.0, min_side / max(1, min(height, width)))
     if factor > 1.0:
@@ -401,16 +429,16 @@ def capture_picture(
     unit = max(height, width) / 512  # text scales with the picture
     font, thickness = cv2.FONT_HERSHEY_SIMPLEX, max(1, round(unit * 1.5))
     line = round(26 * unit)
-    banner_lines = [NOT_FOR_DIAGNOSTIC_USE, title, f"image score {score:.4g} > threshold {threshold:.4g}"]
-    banner = np.zeros((line * len(banner_lines) + round(10 * unit), width, 3), np.uint8)
-    for i, text in enumerate(banner_lines):
+    banner = np.zeros((line * len(lines) + round(10 * unit), width, 3), np.uint8)
+    for i, text in enumerate(lines):
         colour = (255, 80, 80) if i == 0 else (255, 255, 255)
         at = (round(8 * unit), line * (i + 1))
         cv2.putText(banner, text, at, font, 0.55 * unit, colour, thickness, cv2.LINE_AA)
-    panel = colour_bar(height, scale)
-    body = np.concatenate([picture, panel], axis=1)
-    banner = np.pad(banner, ((0, 0), (0, panel.shape[1]), (0, 0)))
-    return np.ascontiguousarray(np.concatenate([banner, body], axis=0))
+    if panel_of is not None:
+        panel = panel_of(height)
+        picture = np.concatenate([picture, panel], axis=1)
+        banner = np.pad(banner, ((0, 0), (0, panel.shape[1]), (0, 0)))
+    return np.ascontiguousarray(np.concatenate([banner, picture], axis=0))
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ from imaging_ad.calibration import Calibration, calibrate, fpr_upper_bound, norm
 from imaging_ad.detectors import create_detector
 from imaging_ad.detectors.components.search import Exclusion
 from tests.synthetic import texture
+from tests.test_trust import forge
 
 SMALL = {"image_size": 64, "batch_size": 4, "progress": False}
 
@@ -228,3 +229,10 @@ def test_patchcore_border_band_neither_scores_nor_shows(tmp_path):
 
     detector.save(tmp_path / "m.safetensors")
     assert load_detector(tmp_path / "m.safetensors").border == 1
+    # a file written before the option existed (no "border" saved) scores the whole grid, as it did
+    older = forge(tmp_path / "m.safetensors", tmp_path / "older.safetensors", _without_border)
+    assert load_detector(older).border == 0
+
+
+def _without_border(description: dict) -> None:
+    del description["params"]["border"]

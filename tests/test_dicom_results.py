@@ -48,18 +48,6 @@ def model_path(tmp_path_factory) -> Path:
     return fitted_on_textures(tmp_path_factory.mktemp("dicom_model"), guard=False)
 
 
-def test_slices_outside_the_domain_get_no_dicom_results(folder, tmp_path, capsys):
-    """A DICOM result says "flagged" to a PACS: never for an image whose score means nothing."""
-    pytest.importorskip("highdicom")
-    model = fitted_on_textures(tmp_path, guard=True)
-    out, dicom_out = tmp_path / "scan", tmp_path / "dicom"
-    assert main(["scan", str(folder), "--model", str(model), "--out", str(out), "--no-progress",
-                 "--dicom-out", str(dicom_out)]) == 0  # fmt: skip
-    printed = capsys.readouterr().out
-    assert "2 outside this model's training domain" in printed
-    assert not list(dicom_out.rglob("*.dcm"))
-
-
 @pytest.fixture
 def folder(tmp_path) -> Path:
     root = tmp_path / "incoming"
@@ -71,6 +59,26 @@ def folder(tmp_path) -> Path:
 
     assert cv2.imwrite(str(root / "texture.png"), texture(rng))  # not DICOM: never gets DICOM results
     return root
+
+
+def test_slices_outside_the_domain_get_a_capture_that_says_so_and_nothing_else(folder, tmp_path, capsys):
+    """A DICOM result says "flagged" to a PACS: never for an image whose score means nothing. Such an
+    image gets a capture of itself saying the model has no verdict (no heatmap, no parametric map) and
+    stays out of the key object selection."""
+    pytest.importorskip("highdicom")
+    model = fitted_on_textures(tmp_path, guard=True)
+    out, dicom_out = tmp_path / "scan", tmp_path / "dicom"
+    assert main(["scan", str(folder), "--model", str(model), "--out", str(out), "--no-progress",
+                 "--dicom-out", str(dicom_out)]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "2 outside this model's training domain" in printed
+    assert "2 DICOM result object(s)" in printed
+    written = sorted(p.name for p in dicom_out.rglob("*.dcm"))
+    assert len(written) == 2 and all(name.startswith("SC_") for name in written)
+    for path in dicom_out.rglob("SC_*.dcm"):
+        capture = pydicom.dcmread(path)
+        assert "OUTSIDE THE MODEL'S TRAINING DOMAIN" in capture.ImageComments
+        assert "NOT FOR DIAGNOSTIC USE" in capture.ImageComments
 
 
 def test_scan_writes_dicom_results_referencing_the_sources(model_path, folder, tmp_path, capsys):

@@ -213,6 +213,12 @@ class Detector(ABC):
         """Keyword-only constructor parameters of this class and its bases, with their defaults."""
         return {name: default for name, (default, _) in constructor_parameters(cls).items()}
 
+    @classmethod
+    def params_of_older_files(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """Saved hyperparameters as this version reads them: a parameter added later gets the value that
+        reproduces what older files did, not today's default."""
+        return params
+
     def get_params(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self._param_defaults()}
 

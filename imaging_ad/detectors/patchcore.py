@@ -249,6 +249,10 @@ class PatchCore(Detector):
         self.position_mean_: torch.Tensor | None = None
         self.position_std_: torch.Tensor | None = None
 
+    @classmethod
+    def params_of_older_files(cls, params: dict) -> dict:
+        return {"border": 0, **params}  # files from before the border band scored the whole grid
+
     # -- fit ------------------------------------------------------------------------------------
 
     def begin_fit(self, n_images: int) -> None:

@@ -76,7 +76,8 @@ def load_detector(
     if name not in DETECTORS:
         raise ModelFileError(f"{path}: detector {name!r} is not available (registered: {sorted(DETECTORS)})")
     with describes_its_tensors(path, name):
-        detector = DETECTORS[name](**{**description["params"], "device": device})
+        params = DETECTORS[name].params_of_older_files(description["params"])
+        detector = DETECTORS[name](**{**params, "device": device})
         try:
             detector.restore(description, state)
         except ModelFileError as exc:

@@ -466,7 +466,7 @@ class _Runner:
             if self.heatmaps == "all" or (needs_review and self.heatmaps == "flagged"):
                 heatmap_rel = self._write_overlay(item, outcome)
             is_dicom = isinstance(outcome.record, ImageRecord) and outcome.record.meta.format == "DICOM"
-            if result.verdict == "anomalous" and is_dicom and self.dicom is not None:
+            if result.verdict in ("anomalous", "out of domain") and is_dicom and self.dicom is not None:
                 self._write_dicom(item, outcome)
             outcome.record = None
             height, width = outcome.size
@@ -514,7 +514,8 @@ class _Runner:
         return rel
 
     def _write_dicom(self, item: _Item, outcome: Outcome) -> None:
-        """DICOM results of one flagged DICOM image; a failure is logged and counted, the scan goes on."""
+        """DICOM results of one flagged DICOM image (or a capture saying it is outside the model's domain);
+        a failure is logged and counted, the scan goes on."""
         from pydicom.errors import InvalidDicomError
 
         from imaging_ad.dicom_results import DicomResultsError
@@ -528,6 +529,7 @@ class _Runner:
                 pixels=outcome.record.pixels,
                 pixel_threshold=self.detector.calibration_.pixel_threshold,
                 pixel_upper=self.detector.calibration_.pixel_upper,
+                outside_domain="; ".join(outcome.result.out_of_domain) or None,
             )
         # a disk that is full or read-only (OSError) stops the scan, as it does for overlays
         except (DicomResultsError, InvalidDicomError, ValueError, TypeError, AttributeError, KeyError) as exc:
