@@ -236,3 +236,26 @@ def test_patchcore_border_band_neither_scores_nor_shows(tmp_path):
 
 def _without_border(description: dict) -> None:
     del description["params"]["border"]
+
+
+def test_patchcore_heatmap_modes_show_what_they_say(normals):
+    """``excess``: distance above the position's mean on held-out normals; ``standardised``: what the image
+    score ranks; both keep the defect on top; the pixel threshold is set on maps of the same kind."""
+    import warnings
+
+    rng = np.random.default_rng(9)
+    defect = texture(rng, 60, 70)
+    defect[20:34, 25:40] = 0
+    distances = torch.rand(2, 16) * 4  # 4 x 4 grid at 64 px
+    maps = {}
+    for mode in ("distance", "excess", "standardised"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # 12 normals cannot support 1%: not what this test is about
+            detector = create_detector("patchcore", heatmap=mode, **SMALL).fit(normals)
+        maps[mode] = detector.head_.shown(distances)
+        result = detector.predict(defect)[0]
+        assert result.score > detector.calibration_.image_threshold
+        assert result.heatmap.max() > detector.calibration_.pixel_threshold
+    assert torch.equal(maps["distance"], distances)
+    assert torch.allclose(maps["excess"], distances - detector.position_mean_)
+    assert torch.allclose(maps["standardised"], detector.head_.ranked(distances))

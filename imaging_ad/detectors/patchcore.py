@@ -53,10 +53,12 @@ class PatchCoreHead(nn.Module):
         position_std: torch.Tensor | None = None,
         graph: GraphSearch | None = None,
         border: int = 0,
+        heatmap: str = "distance",
     ) -> None:
         super().__init__()
         self.neighbourhood = neighbourhood
         self.border = border
+        self.heatmap = heatmap
         self.reweight = (
             reweight_neighbours if reweight_neighbours > 1 and bank.shape[0] > reweight_neighbours else 0
         )
@@ -95,12 +97,21 @@ class PatchCoreHead(nn.Module):
         return ~inner.reshape(-1)
 
     def shown(self, distances: torch.Tensor) -> torch.Tensor:
-        """(B, P) distances as the heatmap shows them: the ignored band gets each position's typical
-        normal distance (its mean over held-out normals, else the image's lowest), so it never looks hot."""
+        """(B, P) distances as the heatmap shows them (see :class:`PatchCore`'s ``heatmap``)."""
+        if not self.standardise:
+            return self.without_band(distances, distances.min(dim=1, keepdim=True).values)
+        if self.heatmap == "excess":
+            return self.without_band(distances - self.position_mean, 0.0)
+        if self.heatmap == "standardised":
+            return self.without_band((distances - self.position_mean) / self.position_std, 0.0)
+        return self.without_band(distances, self.position_mean)
+
+    def without_band(self, shown: torch.Tensor, typical: torch.Tensor | float) -> torch.Tensor:
+        """The ignored band at a normal position's typical value, so that it never looks hot."""
         if not self.border:
-            return distances
-        normal = self.position_mean if self.standardise else distances.min(dim=1, keepdim=True).values
-        return torch.where(self.band(distances), normal, distances)
+            return shown
+        typical = torch.as_tensor(typical, dtype=shown.dtype, device=shown.device)
+        return torch.where(self.band(shown), typical, shown)
 
     def patch_distances(
         self, features: list[torch.Tensor], ranked: bool = True, exclusion: Exclusion | None = None
@@ -194,6 +205,12 @@ class PatchCore(Detector):
         feature cells of the outer band that neither score nor show in the heatmap (0: none). The band
         holds convolution padding and, on radiographs, collimator edges, markers and leads: see
         benchmarks/RESULTS.md for what it does to each dataset.
+    heatmap
+        what the heatmap shows: ``"distance"`` (each patch's distance to the memory bank),
+        ``"excess"`` (that distance above the position's mean on held-out normals: positions that are
+        far from the bank on every normal image, such as the frame, stop looking hot) or
+        ``"standardised"`` (the excess in units of the position's spread, what the image score ranks).
+        Needs per-position statistics; without them it is the distance.
     """
 
     # Strides 16 and 32 of EfficientNet-Lite measured best on magnetic_tile (image AUROC 0.936 vs 0.873
@@ -211,6 +228,7 @@ class PatchCore(Detector):
         "hnsw_links": Interval(2, 256),
         "hnsw_ef_search": Interval(1, 4096),
         "border": Interval(0, 8),
+        "heatmap": OneOf(("distance", "excess", "standardised")),
     }
 
     def __init__(
@@ -229,6 +247,7 @@ class PatchCore(Detector):
         hnsw_ef_search: int = 8,
         position_statistics: bool = True,
         border: int = 0,
+        heatmap: str = "distance",
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -243,6 +262,7 @@ class PatchCore(Detector):
         self.hnsw_ef_search = hnsw_ef_search
         self.position_statistics = position_statistics
         self.border = border
+        self.heatmap = heatmap
         self.memory_bank_: torch.Tensor | None = None
         self.bank_neighbours_: torch.Tensor | None = None
         # per-position mean and spread of held-out normals' patch distances, (h * w,) each
@@ -251,7 +271,8 @@ class PatchCore(Detector):
 
     @classmethod
     def params_of_older_files(cls, params: dict) -> dict:
-        return {"border": 0, **params}  # files from before the border band scored the whole grid
+        # files from before these options scored the whole grid and showed distances
+        return {"border": 0, "heatmap": "distance", **params}
 
     # -- fit ------------------------------------------------------------------------------------
 
@@ -342,6 +363,7 @@ class PatchCore(Detector):
             self.position_std_,
             graph=self._graph,
             border=self.border,
+            heatmap=self.heatmap,
         )
 
     def export_head(self) -> PatchCoreHead:
@@ -395,7 +417,8 @@ class PatchCore(Detector):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Learn the per-position statistics from the held-out normals' patch distances; return their image
         scores standardised by the *other* images' statistics (leave one out), so the threshold is set on
-        scores like those unseen normal images will get, and their patch-distance maps."""
+        scores like those unseen normal images will get, and their maps as the heatmap shows them (also
+        left-one-out, for the pixel threshold)."""
         maps = torch.cat([m for m, _ in evidence])
         distances = maps.flatten(1).double()  # (N, P)
         factors = torch.cat([f for _, f in evidence]).double()
@@ -404,7 +427,8 @@ class PatchCore(Detector):
         if not self.position_statistics or n < _MIN_IMAGES_FOR_POSITION_STATISTICS:
             self.refresh_head()
             best, where = self.head_.ranked(distances).max(dim=1)
-            return (factors.gather(1, where[:, None])[:, 0] * best).float(), self._shown(maps)
+            shown = self.head_.without_band(distances, distances.min(dim=1, keepdim=True).values)
+            return (factors.gather(1, where[:, None])[:, 0] * best).float(), shown.reshape(maps.shape).float()
         total, total_squares = distances.sum(0), distances.square().sum(0)
         mean = total / n
         std = ((total_squares - n * mean.square()) / (n - 1)).clamp_min(0).sqrt()
@@ -416,15 +440,16 @@ class PatchCore(Detector):
         others_mean = (total - distances) / (n - 1)
         others_variance = (total_squares - distances.square() - (n - 1) * others_mean.square()) / (n - 2)
         standardised = (distances - others_mean) / others_variance.clamp_min(0).sqrt().clamp_min(floor)
+        if self.heatmap == "excess":
+            shown = self.head_.without_band(distances - others_mean, 0.0)
+        elif self.heatmap == "standardised":
+            shown = self.head_.without_band(standardised, 0.0)
+        else:
+            shown = self.head_.without_band(distances, others_mean)
         if self.border:
             standardised = standardised.masked_fill(self.head_.band(standardised), -torch.inf)
         best, where = standardised.max(dim=1)
-        return (factors.gather(1, where[:, None])[:, 0] * best).float(), self._shown(maps)
-
-    def _shown(self, maps: torch.Tensor) -> torch.Tensor:
-        """(N, h, w) patch-distance maps as the head shows them (the ignored band at typical values)."""
-        flat = maps.flatten(1).to(self.device_)
-        return self.head_.shown(flat).reshape(maps.shape).to(maps.device)
+        return (factors.gather(1, where[:, None])[:, 0] * best).float(), shown.reshape(maps.shape).float()
 
     def extend_memory_bank(
         self,
