@@ -220,7 +220,7 @@ def test_patchcore_border_band_neither_scores_nor_shows(tmp_path):
     assert with_band[2] > 2 * with_band[0] and with_band[2] > detector.calibration_.image_threshold
 
     grid = detector.head_.shown(torch.zeros(1, 64))[0]
-    band = detector.head_.band(torch.zeros(1, 64))
+    band = detector.head_.ignored(torch.zeros(1, 64))
     assert band.sum() == 64 - 36 and torch.equal(grid[band], detector.position_mean_[band])
     assert (detector.head_.ranked(torch.zeros(1, 64))[0, band] == -torch.inf).all()
     heatmap = detector.predict(middle)[0].heatmap
@@ -259,3 +259,48 @@ def test_patchcore_heatmap_modes_show_what_they_say(normals):
     assert torch.equal(maps["distance"], distances)
     assert torch.allclose(maps["excess"], distances - detector.position_mean_)
     assert torch.allclose(maps["standardised"], detector.head_.ranked(distances))
+
+
+def test_patchcore_region_of_interest_mask(tmp_path):
+    """A mask image (white: examine) keeps a fixture that moves between images from scoring where it is
+    outside the region; a defect inside is found; a bad mask is refused before any image is read; the
+    model keeps the mask (the file is not needed to load it)."""
+    import warnings
+
+    import cv2
+
+    from imaging_ad.detectors import load_detector
+    from imaging_ad.detectors.params import ParameterError
+
+    rng = np.random.default_rng(3)
+    normals = [texture(rng, 128, 128) for _ in range(12)]
+    mask = np.zeros((256, 256), np.uint8)
+    mask[:, :128] = 255  # examine the left half only
+    region = tmp_path / "left.png"
+    cv2.imwrite(str(region), mask)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 12 normals cannot support 1%: not what this test is about
+        detector = create_detector("patchcore", region=str(region), **{**SMALL, "image_size": 128}).fit(
+            normals
+        )
+    clean = texture(rng, 128, 128)
+    right, left = clean.copy(), clean.copy()
+    right[56:72, 96:112] = 0
+    left[56:72, 16:32] = 0
+    clean_r, right_r, left_r = detector.predict([clean, right, left])
+    assert right_r.score < clean_r.score + 0.5 * (left_r.score - clean_r.score)
+    assert left_r.score > detector.calibration_.image_threshold
+    assert (
+        detector.region_cells_.reshape(8, 8)[:, :4].all()
+        and not detector.region_cells_.reshape(8, 8)[:, 4:].any()
+    )
+
+    region.rename(tmp_path / "moved.png")
+    saved = detector.save(tmp_path / "m.safetensors")
+    assert torch.equal(load_detector(saved).region_cells_, detector.region_cells_)
+
+    with pytest.raises(ParameterError, match="moved_again.png is not a file"):
+        create_detector("patchcore", region=str(tmp_path / "moved_again.png"), **SMALL).fit(normals)
+    cv2.imwrite(str(tmp_path / "black.png"), np.zeros((8, 8), np.uint8))
+    with pytest.raises(ParameterError, match="black everywhere"):
+        create_detector("patchcore", region=str(tmp_path / "black.png"), **SMALL).fit(normals)

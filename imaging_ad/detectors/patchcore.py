@@ -25,6 +25,7 @@ from torch import nn
 from imaging_ad.detectors.base import Detector
 from imaging_ad.detectors.components.coreset import StreamingCoreset, select_more_centres
 from imaging_ad.detectors.components.features import patch_grid
+from imaging_ad.detectors.components.region import read_region, region_cells
 from imaging_ad.detectors.components.search import ExactSearch, Exclusion, GraphSearch
 from imaging_ad.detectors.params import Interval, OneOf
 from imaging_ad.detectors.registry import register_detector
@@ -54,11 +55,14 @@ class PatchCoreHead(nn.Module):
         graph: GraphSearch | None = None,
         border: int = 0,
         heatmap: str = "distance",
+        region: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.neighbourhood = neighbourhood
         self.border = border
         self.heatmap = heatmap
+        self.limited = border > 0 or region is not None  # some cells neither score nor show
+        self.register_buffer("region", region)
         self.reweight = (
             reweight_neighbours if reweight_neighbours > 1 and bank.shape[0] > reweight_neighbours else 0
         )
@@ -86,15 +90,19 @@ class PatchCoreHead(nn.Module):
         ranked = patch_scores
         if self.standardise:
             ranked = (patch_scores - self.position_mean) / self.position_std
-        return ranked if not self.border else ranked.masked_fill(self.band(patch_scores), -torch.inf)
+        return ranked.masked_fill(self.ignored(patch_scores), -torch.inf) if self.limited else ranked
 
-    def band(self, patch_scores: torch.Tensor) -> torch.Tensor:
-        """(P,) True on the grid's outer ``border`` cells (the grid is square: images are letterboxed)."""
+    def ignored(self, patch_scores: torch.Tensor) -> torch.Tensor:
+        """(P,) True on the cells that neither score nor show: the grid's outer ``border`` cells and
+        those outside the user's region of interest."""
         side = math.isqrt(patch_scores.shape[-1])
         assert side * side == patch_scores.shape[-1], "PatchCore's grid is square"
         inner = torch.zeros(side, side, dtype=torch.bool, device=patch_scores.device)
         inner[self.border : side - self.border, self.border : side - self.border] = True
-        return ~inner.reshape(-1)
+        examined = inner.reshape(-1)
+        if self.region is not None:
+            examined = examined & self.region
+        return ~examined
 
     def shown(self, distances: torch.Tensor) -> torch.Tensor:
         """(B, P) distances as the heatmap shows them (see :class:`PatchCore`'s ``heatmap``)."""
@@ -107,11 +115,11 @@ class PatchCoreHead(nn.Module):
         return self.without_band(distances, self.position_mean)
 
     def without_band(self, shown: torch.Tensor, typical: torch.Tensor | float) -> torch.Tensor:
-        """The ignored band at a normal position's typical value, so that it never looks hot."""
-        if not self.border:
+        """The ignored cells at a normal position's typical value, so that they never look hot."""
+        if not self.limited:
             return shown
         typical = torch.as_tensor(typical, dtype=shown.dtype, device=shown.device)
-        return torch.where(self.band(shown), typical, shown)
+        return torch.where(self.ignored(shown), typical, shown)
 
     def patch_distances(
         self, features: list[torch.Tensor], ranked: bool = True, exclusion: Exclusion | None = None
@@ -205,6 +213,11 @@ class PatchCore(Detector):
         feature cells of the outer band that neither score nor show in the heatmap (0: none). The band
         holds convolution padding and, on radiographs, collimator edges, markers and leads: see
         benchmarks/RESULTS.md for what it does to each dataset.
+    region
+        a region-of-interest mask image (white: examine, black: ignore; any size, stretched onto the
+        images like they are onto the model's input), for a ruler, label or fixture that is in every image
+        in the same place: grid cells mostly outside it neither score nor show. Read at fit; the model
+        keeps the mask, so the file is not needed afterwards.
     heatmap
         what the heatmap shows: ``"distance"`` (each patch's distance to the memory bank),
         ``"excess"`` (that distance above the position's mean on held-out normals: positions that are
@@ -248,6 +261,7 @@ class PatchCore(Detector):
         position_statistics: bool = True,
         border: int = 0,
         heatmap: str = "distance",
+        region: str | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -263,6 +277,8 @@ class PatchCore(Detector):
         self.position_statistics = position_statistics
         self.border = border
         self.heatmap = heatmap
+        self.region = region
+        self.region_cells_: torch.Tensor | None = None  # (h * w,) bool, from ``region`` at fit
         self.memory_bank_: torch.Tensor | None = None
         self.bank_neighbours_: torch.Tensor | None = None
         # per-position mean and spread of held-out normals' patch distances, (h * w,) each
@@ -276,13 +292,21 @@ class PatchCore(Detector):
 
     # -- fit ------------------------------------------------------------------------------------
 
+    def validate_params(self) -> None:
+        super().validate_params()
+        if self.region is not None:
+            read_region(self.region)  # a missing or unreadable mask is refused before any image is read
+
     def begin_fit(self, n_images: int) -> None:
         self._n_images, self._seen = n_images, 0
+        self.region_cells_ = None
         self._coreset: StreamingCoreset | None = None
 
     def partial_fit(self, features: list[torch.Tensor]) -> None:
         embedding = self._embed(features)
         b, d, h, w = embedding.shape
+        if self.region is not None and self.region_cells_ is None:
+            self.region_cells_ = region_cells(read_region(self.region), (h, w)).to(self.device_)
         if self._coreset is None:
             total = self._n_images * h * w
             bank_size = max(1, min(round(self.coreset_ratio * total), self.max_memory_bank))
@@ -364,6 +388,7 @@ class PatchCore(Detector):
             graph=self._graph,
             border=self.border,
             heatmap=self.heatmap,
+            region=self.region_cells_,
         )
 
     def export_head(self) -> PatchCoreHead:
@@ -446,8 +471,8 @@ class PatchCore(Detector):
             shown = self.head_.without_band(standardised, 0.0)
         else:
             shown = self.head_.without_band(distances, others_mean)
-        if self.border:
-            standardised = standardised.masked_fill(self.head_.band(standardised), -torch.inf)
+        if self.head_.limited:
+            standardised = standardised.masked_fill(self.head_.ignored(standardised), -torch.inf)
         best, where = standardised.max(dim=1)
         return (factors.gather(1, where[:, None])[:, 0] * best).float(), shown.reshape(maps.shape).float()
 
@@ -501,9 +526,13 @@ class PatchCore(Detector):
         state = {"memory_bank": self.memory_bank_, "bank_neighbours": self.bank_neighbours_}
         if self.position_mean_ is not None:
             state |= {"position_mean": self.position_mean_, "position_std": self.position_std_}
+        if self.region_cells_ is not None:
+            state["region_cells"] = self.region_cells_.to(torch.uint8)
         return state
 
     def _set_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        region = tensors.get("region_cells")
+        self.region_cells_ = region.to(self.device_, torch.bool) if region is not None else None
         # files written before the neighbourhood table was stored get it computed on loading
         self.use_memory_bank(tensors["memory_bank"], tensors.get("bank_neighbours"))
         # files without positional statistics (older ones, or too few held-out images) rank plain distances
