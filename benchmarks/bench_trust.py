@@ -70,13 +70,13 @@ def in_border(heatmap: np.ndarray, band: float = BORDER) -> bool:
     return y < band * h or y >= (1 - band) * h or x < band * w or x >= (1 - band) * w
 
 
-def measure_dataset(name: str, accuracy_only: bool) -> tuple[dict, object]:
+def measure_dataset(name: str, accuracy_only: bool, params: dict | None = None) -> tuple[dict, object]:
     from imaging_ad.data import discover_dataset
     from imaging_ad.detectors import create_detector
     from imaging_ad.evaluation import evaluate
 
     dataset = discover_dataset(SHARED / name)
-    detector = create_detector("patchcore", progress=False)
+    detector = create_detector("patchcore", progress=False, **(params or {}))
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -104,6 +104,7 @@ def measure_dataset(name: str, accuracy_only: bool) -> tuple[dict, object]:
         "best_recall_fpr1": float(tpr[fpr <= 0.01].max()),
         "best_recall_fpr3": float(tpr[fpr <= 0.03].max()),
         "fit_s": fit_s,
+        "params": params or {},
     }
     if accuracy_only:
         return row, detector
@@ -171,7 +172,7 @@ def measure(args: argparse.Namespace) -> None:
     out: dict = {"rows": [], "machine": machine(), "date": date.today().isoformat()}
     models = {}
     for name in args.datasets:
-        row, detector = measure_dataset(name, args.accuracy_only)
+        row, detector = measure_dataset(name, args.accuracy_only, dict(_setting(p) for p in args.param))
         out["rows"].append(row)
         models[name] = detector
         print(json.dumps(row), flush=True)
@@ -352,6 +353,7 @@ def main() -> None:
     m = sub.add_parser("measure")
     m.add_argument("--datasets", nargs="+", default=list(DATASETS))
     m.add_argument("--accuracy-only", action="store_true")
+    m.add_argument("--param", action="append", default=[], help="KEY=VALUE for the detector, repeatable")
     m.add_argument("--out", required=True)
     m.set_defaults(run=measure)
     v = sub.add_parser("variants")

@@ -201,7 +201,9 @@ def test_patchcore_border_band_neither_scores_nor_shows(tmp_path):
     normals = [texture(rng, 128, 128) for _ in range(12)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # 12 normals cannot support 1%: not what this test is about
-        detector = create_detector("patchcore", border=1, **{**SMALL, "image_size": 128}).fit(normals)
+        detector = create_detector(
+            "patchcore", border=1, heatmap="distance", **{**SMALL, "image_size": 128}
+        ).fit(normals)
     clean = texture(rng, 128, 128)
     corner, middle = clean.copy(), clean.copy()
     corner[:10, :10] = 0  # inside the outer cell of the 8x8 grid (16 px cells at 128 px)

@@ -1,6 +1,7 @@
 """Rebuild the default model the demo ships with, measure it, and update ``weights/registry.json``.
 
-    .venv/bin/python weights/build_default_model.py [--data ../shared/data/chest_xray] [--bank 2000]
+    .venv/bin/python weights/build_default_model.py [--data ../shared/data/chest_xray] [--bank 2000] \
+        [--param border=1 ...]
 
 Fits PatchCore (tf_efficientnet_lite0, strides 16+32) on the normal training chest X-rays, evaluates its
 image AUROC on the official test split, writes ``chest_xray_patchcore.safetensors`` next to this script
@@ -22,7 +23,14 @@ DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "chest_xray"
 MODEL_NAME = "chest_xray_patchcore"
 
 
-def build(data: Path, bank: int, image_size: int, out_dir: Path, evaluate_model: bool = True) -> dict:
+def build(
+    data: Path,
+    bank: int,
+    image_size: int,
+    out_dir: Path,
+    evaluate_model: bool = True,
+    params: dict | None = None,
+) -> dict:
     from imaging_ad.data import discover_dataset
     from imaging_ad.detectors import create_detector
     from imaging_ad.evaluation import evaluate
@@ -35,6 +43,7 @@ def build(data: Path, bank: int, image_size: int, out_dir: Path, evaluate_model:
         max_memory_bank=bank,
         device="cpu",
         progress=False,
+        **(params or {}),
     )
     start = time.perf_counter()
     detector.fit(dataset.train)
@@ -50,12 +59,20 @@ def build(data: Path, bank: int, image_size: int, out_dir: Path, evaluate_model:
             f"{len(dataset.train)} normal paediatric chest X-rays (Kermany et al. 2018, CC BY 4.0)"
         ),
         "image_size": image_size,
+        "params": params or {},
         "memory_bank_rows": int(detector.memory_bank_.shape[0]),
         "size_bytes": path.stat().st_size,
         "sha256": file_sha256(path),
         "fit_seconds": round(fit_seconds, 1),
         "trained_on": f"chest_xray/train/NORMAL ({len(dataset.train)} images)",
         "licence_of_training_data": "CC BY 4.0",
+        "calibration": {
+            "method": detector.calibration_.method,
+            "normals": detector.calibration_.n_normal,
+            "target_fpr": detector.calibration_.target_fpr,
+            "fpr_upper_bound_95": detector.calibration_.fpr_upper_bound,
+            "out_of_domain_guard": detector.calibration_.domain_threshold is not None,
+        },
     }
     if evaluate_model:
         evaluation = evaluate(detector, dataset)
@@ -81,8 +98,13 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--out-dir", type=Path, default=HERE)
     parser.add_argument("--no-registry", action="store_true", help="do not update registry.json")
+    parser.add_argument("--param", action="append", default=[], help="KEY=VALUE for PatchCore, repeatable")
     args = parser.parse_args()
-    entry = build(args.data, args.bank, args.image_size, args.out_dir)
+    params = {}
+    for item in args.param:
+        key, value = item.split("=", 1)
+        params[key] = json.loads(value) if value[:1].isdigit() else value
+    entry = build(args.data, args.bank, args.image_size, args.out_dir, params=params)
     if not args.no_registry:
         update_registry(entry, args.out_dir / "registry.json")
     print(json.dumps(entry, indent=2))

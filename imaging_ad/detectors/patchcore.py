@@ -222,8 +222,9 @@ class PatchCore(Detector):
         what the heatmap shows: ``"distance"`` (each patch's distance to the memory bank),
         ``"excess"`` (that distance above the position's mean on held-out normals: positions that are
         far from the bank on every normal image, such as the frame, stop looking hot) or
-        ``"standardised"`` (the excess in units of the position's spread, what the image score ranks).
-        Needs per-position statistics; without them it is the distance.
+        ``"standardised"`` (the excess in units of the position's spread, what the image score ranks;
+        the default: best mean AUPRO over every shared dataset, benchmarks/RESULTS.md). Needs
+        per-position statistics; without them it is the distance.
     """
 
     # Strides 16 and 32 of EfficientNet-Lite measured best on magnetic_tile (image AUROC 0.936 vs 0.873
@@ -260,7 +261,7 @@ class PatchCore(Detector):
         hnsw_ef_search: int = 8,
         position_statistics: bool = True,
         border: int = 0,
-        heatmap: str = "distance",
+        heatmap: str = "standardised",
         region: str | None = None,
         **kwargs,
     ) -> None:
