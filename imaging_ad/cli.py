@@ -116,9 +116,30 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=None, help="raw score threshold (default: calibrated)")
     p.add_argument("--heatmaps", choices=("flagged", "all", "none"), default="flagged", help="overlays")
     p.add_argument("--device", default="auto")
-    p.add_argument("--workers", type=int, default=None, help="read/preprocess threads (default: 2-4)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="read/preprocess threads (default: 2-4); with --engine ray: model-holding Ray workers "
+        "(default: one per CPU of the cluster)",
+    )
     p.add_argument("--batch-size", type=int, default=None, help="default: the model's batch size")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="where images are scored: this process (default) or a Ray cluster (the [cluster] extra); "
+        "outputs are written here either way",
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        help="with --engine ray: an existing Ray cluster (e.g. ray://head:10001 or auto); default: a local one",
+    )
+    p.add_argument(
+        "--gpus-per-worker", type=float, default=0.0, help="with --engine ray: GPUs each worker reserves"
+    )
     p.add_argument(
         "--dicom-out",
         default=None,
@@ -406,6 +427,9 @@ def _scan(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             progress_bar=not args.no_progress,
             dicom_out=args.dicom_out,
+            engine=args.engine,
+            address=args.address,
+            gpus_per_worker=args.gpus_per_worker,
         )
     except KeyboardInterrupt:
         print(
