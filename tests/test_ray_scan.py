@@ -201,3 +201,35 @@ def test_local_scan_does_not_import_ray(model_path, tmp_path):
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True)
+
+
+def test_cli_engine_ray_and_clear_refusals(model_path, tmp_path, capsys):
+    from imaging_ad.cli import main
+    from imaging_ad.scan import ScanError
+
+    folder = make_folder(tmp_path / "input", n_good=2, n_defect=1)
+    out = tmp_path / "out"
+    code = main(
+        ["scan", str(folder), "--model", str(model_path), "--out", str(out), "--no-progress"]
+        + ["--engine", "ray", "--workers", "1"]
+    )
+    assert code == 0 and "report.html" in capsys.readouterr().out
+    assert len(assert_one_row_per_file(out, folder)) == len(expected_paths(folder))
+    with pytest.raises(ScanError, match="engine='ray'"):
+        scan(folder, model_path, tmp_path / "o2", address="auto")
+    with pytest.raises(ScanError, match="local engine only"):
+        scan(folder, model_path, tmp_path / "o3", engine="ray", dicom_out=tmp_path / "dicom")
+    with pytest.raises(ScanError, match="engine must be one of"):
+        scan(folder, model_path, tmp_path / "o4", engine="spark")
+    with pytest.raises(ScanError, match="workers must be at least 1"):
+        scan(folder, model_path, tmp_path / "o5", engine="ray", workers=0)
+
+
+def test_more_workers_than_cpus_is_refused_not_a_hang(model_path, tmp_path):
+    from imaging_ad.scan import ScanError
+
+    folder = make_folder(tmp_path / "input", n_good=2, n_defect=1)
+    with pytest.raises(ScanError, match="the cluster has 2"):
+        scan(folder, model_path, tmp_path / "out", engine="ray", workers=3)
+    with pytest.raises(ScanError, match="GPU"):
+        scan(folder, model_path, tmp_path / "out", engine="ray", workers=1, gpus_per_worker=1)

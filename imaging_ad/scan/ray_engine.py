@@ -185,11 +185,25 @@ class RayEngine:
     def _start(self) -> None:
         ray = require_ray()
         if not ray.is_initialized():
-            ray.init(address=self.address, include_dashboard=False, log_to_driver=False)
+            # a Ray started here needs no dashboard; an existing cluster's settings are its own
+            options = {"include_dashboard": False} if self.address is None else {}
+            ray.init(address=self.address, log_to_driver=False, **options)
             self._started_ray = True
         elif self.address is not None:
             log.info("Ray is initialised already in this process; using that cluster, not %s", self.address)
-        n = self.n_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        resources = ray.cluster_resources()
+        cpus, gpus = int(resources.get("CPU", 0)), float(resources.get("GPU", 0))
+        n = self.n_workers or max(1, cpus)
+        # actors that can never be placed would wait forever: say so instead of hanging
+        if n > cpus:
+            raise ScanError(
+                f"{n} Ray workers need {n} CPUs, the cluster has {cpus}; use --workers {max(1, cpus)}"
+            )
+        if n * self.gpus_per_worker > gpus:
+            raise ScanError(
+                f"{n} Ray workers of {self.gpus_per_worker:g} GPU(s) need {n * self.gpus_per_worker:g} GPUs, "
+                f"the cluster has {gpus:g}"
+            )
         actor = ray.remote(ScanWorker).options(
             num_cpus=1,
             num_gpus=self.gpus_per_worker,
