@@ -76,7 +76,10 @@ def child(input_dir: str, model: str, options: dict) -> dict:
         import ray
 
         start = time.perf_counter()
-        ray.init(num_cpus=options["workers"], include_dashboard=False, log_to_driver=False)
+        from imaging_ad.scan.ray_engine import LOCAL_RAY_OPTIONS
+
+        # as the scan starts its own local Ray: workers at the driver's priority, not Ray's niceness 15
+        ray.init(num_cpus=options["workers"], log_to_driver=False, **LOCAL_RAY_OPTIONS)
         ray_start_s = time.perf_counter() - start
         extra = {"engine": "ray", "workers": options["workers"]}
     started = time.perf_counter()

@@ -42,6 +42,10 @@ BATCHES_PER_BLOCK = 4
 IN_FLIGHT_PER_ACTOR = 2
 
 
+#: how a Ray started by the scan itself runs (see RayEngine._start)
+LOCAL_RAY_OPTIONS: dict[str, Any] = {"include_dashboard": False, "_system_config": {"worker_niceness": 0}}
+
+
 def require_ray() -> Any:
     """The ``ray`` module, or a clear setup error naming the extra to install."""
     try:
@@ -185,8 +189,10 @@ class RayEngine:
     def _start(self) -> None:
         ray = require_ray()
         if not ray.is_initialized():
-            # a Ray started here needs no dashboard; an existing cluster's settings are its own
-            options = {"include_dashboard": False} if self.address is None else {}
+            # a Ray started here needs no dashboard, and its workers score at this process's priority
+            # (Ray's default worker niceness, 15, would let any other job on the machine starve them);
+            # an existing cluster's settings are its own
+            options = LOCAL_RAY_OPTIONS if self.address is None else {}
             ray.init(address=self.address, log_to_driver=False, **options)
             self._started_ray = True
         elif self.address is not None:
