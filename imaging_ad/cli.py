@@ -68,6 +68,16 @@ def _parser() -> argparse.ArgumentParser:
         "--param", action="append", default=[], metavar="KEY=VALUE", help="any detector hyperparameter"
     )
     p.add_argument("--out", required=True, help="model file to write; must end in .safetensors")
+    p.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="ray: extract features and sum statistics on a Ray cluster (PaDiM and DFM; the [cluster] extra)",
+    )
+    p.add_argument("--address", default=None, help="with --engine ray: an existing Ray cluster's address")
+    p.add_argument(
+        "--workers", type=int, default=None, help="with --engine ray: Ray tasks (default: cluster CPUs)"
+    )
     p.set_defaults(run=_fit)
 
     p = sub.add_parser("evaluate", help="metrics of MODEL on the test split of DATA")
@@ -254,12 +264,22 @@ def _fit(args: argparse.Namespace) -> int:
         params["clahe"] = True
     params["device"] = args.device
     detector = create_detector(detector_name, **params)  # checks every hyperparameter, reads nothing
+    if args.engine == "ray" and (args.validation or not detector.fit_statistics):
+        raise ValueError(
+            "--engine ray fits PaDiM and DFM (sums of statistics) with cross-fitted thresholds; "
+            f"not {detector_name}" + (" with --validation" if args.validation else "")
+        )
     dataset = _open_dataset(args)
     train = dataset.train  # refuses class folders of unknown meaning, naming them
     validation = discover_dataset(args.validation).train if args.validation else None
     print(f"fitting {detector_name} on {len(train)} normal images from {dataset.root}", file=sys.stderr)
     start = time.perf_counter()
-    detector.fit(train, validation_images=validation)
+    if args.engine == "ray":
+        from imaging_ad.detectors.ray_fit import fit_on_ray
+
+        fit_on_ray(detector, train, workers=args.workers, address=args.address)
+    else:
+        detector.fit(train, validation_images=validation)
     seconds = time.perf_counter() - start
     path = detector.save(args.out)
     print(f"fitted in {seconds:.1f} s; saved {path}")

@@ -72,3 +72,21 @@ def torch_close(actual, expected, what: str) -> None:
 def test_detectors_that_are_not_sums_are_refused(images):
     with pytest.raises(ValueError, match="cannot be fitted on a cluster"):
         fit_on_ray(create_detector("patchcore", **PARAMS), images[0])
+
+
+def test_cli_fit_engine_ray(images, tmp_path, capsys):
+    import cv2
+
+    from imaging_ad.cli import main
+    from imaging_ad.detectors import load_detector
+
+    good = tmp_path / "data" / "train" / "good"
+    good.mkdir(parents=True)
+    for i, image in enumerate(images[0][:12]):
+        cv2.imwrite(str(good / f"{i:03d}.png"), image)
+    out = tmp_path / "dfm.safetensors"
+    args = ["fit", str(tmp_path / "data"), "--detector", "dfm", "--image-size", "96", "--out", str(out)]
+    assert main([*args, "--engine", "ray", "--workers", "2", "--device", "cpu"]) == 0
+    assert "12 training normals (fitted on 2 Ray workers)" in load_detector(out).calibration_.source
+    assert main([*args[:2], "--detector", "patchcore", "--out", str(out), "--engine", "ray"]) == 1
+    assert "not patchcore" in capsys.readouterr().err
