@@ -4,10 +4,12 @@ Each engine runs in its own child process, so each driver's peak resident memory
 workers' peaks are their kernel high-water marks (``VmHWM``), sampled while they live. The two scans'
 rows are compared file by file (score to 1e-5 relative, verdict, error). Throughput is images per second
 of each scan's scanning loop (for Ray that includes starting the actors and loading the model in them;
-the cluster's own start-up is timed apart); the ratio Ray/local is what is judged.
+the cluster's own start-up is timed apart); the ratio Ray/local is what is judged. On a shared machine
+``--rounds R`` splits the files into R folders and alternates the engines' order round by round, so a
+load that changes during the run weighs on both engines alike.
 
     python benchmarks/bench_ray.py [--model M] [--source ../shared/data/magnetic_tile/test] [--n 20000]
-        [--workers 2] [--heatmaps none] [--order local ray] [--no-record]
+        [--rounds 4] [--workers 2] [--heatmaps none] [--order local ray] [--no-record]
 
 Without ``--model`` a PatchCore model is fitted on ``../shared/data/magnetic_tile`` first (a few minutes).
 ``--n`` builds a folder of that many hard links to the source images (1000 per sub-folder).
@@ -19,6 +21,7 @@ import argparse
 import json
 import math
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -148,6 +151,21 @@ def compare(local_out: Path, ray_out: Path) -> dict:
     }
 
 
+def combined(rows: list[dict]) -> dict:
+    """One engine's rounds as one scan: counts and seconds add up, memory peaks take the maximum."""
+    total = {key: sum(r[key] for r in rows) for key in ("n_files", "rows", "errors", "flagged", "scan_s")}
+    workers = [max(peaks) for peaks in zip(*(r["worker_peak_rss_mb"] for r in rows), strict=False)]
+    return {
+        **total,
+        "engine": rows[0]["engine"],
+        "rounds": len(rows),
+        "scan_ips": total["rows"] / total["scan_s"],
+        "ray_start_s": max(r["ray_start_s"] for r in rows),
+        "driver_peak_rss_mb": max(r["driver_peak_rss_mb"] for r in rows),
+        "worker_peak_rss_mb": sorted(workers, reverse=True),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -160,6 +178,12 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2, help="Ray workers (and the local cluster's CPUs)")
     parser.add_argument("--heatmaps", default="none", choices=("none", "flagged", "all"))
     parser.add_argument("--order", nargs=2, default=["local", "ray"], choices=("local", "ray"))
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="with --n: split the files into this many folders, engines alternating",
+    )
     parser.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -175,32 +199,49 @@ def main() -> int:
         if not args.model:
             print("fitting PatchCore on magnetic_tile ...", file=sys.stderr, flush=True)
             fit_model(model)
-        input_dir = Path(args.source)
-        if args.n:
-            input_dir = tmp / "input"
-            build_folder(Path(args.source), input_dir, args.n)
-        results = {}
-        for engine in args.order:
-            options = {"engine": engine, "workers": args.workers, "heatmaps": args.heatmaps}
-            options["out"] = str(tmp / f"out_{engine}")
-            proc = subprocess.run(
-                [sys.executable, __file__, "--child", str(input_dir), str(model), json.dumps(options)],
-                capture_output=True,
-                text=True,
-                cwd=ROOT,
-            )
-            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if line is None:
-                print(f"{engine} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
-                return 1
-            results[engine] = row = json.loads(line[len("RESULT ") :])
-            print(
-                f"{engine}: {row['rows']} rows, {row['scan_ips']:.2f} img/s, wall {row['wall_s']:.0f} s, "
-                f"driver peak {row['driver_peak_rss_mb']:.0f} MB, workers {row['worker_peak_rss_mb']}",
-                flush=True,
-            )
-        parity = compare(tmp / "out_local", tmp / "out_ray")
+        folders = [Path(args.source)]
+        if args.n:  # one folder per round, of n / rounds files each
+            folders = [tmp / f"input{r}" for r in range(args.rounds)]
+            for r, folder in enumerate(folders):
+                build_folder(Path(args.source), folder, args.n // args.rounds + (r < args.n % args.rounds))
+        runs: dict[str, list[dict]] = {"local": [], "ray": []}
+        parities = []
+        for r, folder in enumerate(folders):
+            # the order alternates between rounds (ABBA), so a load that drifts weighs on both alike
+            for engine in args.order if r % 2 == 0 else args.order[::-1]:
+                options = {"engine": engine, "workers": args.workers, "heatmaps": args.heatmaps}
+                options["out"] = str(tmp / f"out_{engine}_{r}")
+                proc = subprocess.run(
+                    [sys.executable, __file__, "--child", str(folder), str(model), json.dumps(options)],
+                    capture_output=True,
+                    text=True,
+                    cwd=ROOT,
+                )
+                line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+                if line is None:
+                    print(f"{engine} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+                    return 1
+                row = json.loads(line[len("RESULT ") :])
+                runs[engine].append(row)
+                print(
+                    f"round {r} {engine}: {row['rows']} rows, {row['scan_ips']:.2f} img/s, wall "
+                    f"{row['wall_s']:.0f} s, driver peak {row['driver_peak_rss_mb']:.0f} MB, workers "
+                    f"{row['worker_peak_rss_mb']}",
+                    flush=True,
+                )
+            parities.append(compare(tmp / f"out_local_{r}", tmp / f"out_ray_{r}"))
+            shutil.rmtree(tmp / f"out_local_{r}")
+            shutil.rmtree(tmp / f"out_ray_{r}")
         write_rate = driver_write_rate(tmp / "store_rate")
+    results = {engine: combined(rows) for engine, rows in runs.items()}
+    parity = {
+        "local_rows": sum(p["local_rows"] for p in parities),
+        "ray_rows": sum(p["ray_rows"] for p in parities),
+        "same_paths": all(p["same_paths"] for p in parities),
+        "max_rel_score_diff": max(p["max_rel_score_diff"] for p in parities),
+        "verdict_mismatches": sum(p["verdict_mismatches"] for p in parities),
+        "error_mismatches": sum(p["error_mismatches"] for p in parities),
+    }
 
     local, remote = results["local"], results["ray"]
     workers = ", ".join(f"{mb:.0f}" for mb in remote["worker_peak_rss_mb"]) or "-"
@@ -215,8 +256,11 @@ def main() -> int:
         )
     )
     ratio = remote["scan_ips"] / local["scan_ips"]
+    order = " then ".join(args.order) + (
+        f", alternating over {len(runs['ray'])} rounds" if len(runs["ray"]) > 1 else ""
+    )
     note = (
-        f"Throughput ratio Ray/local {ratio:.2f} (run order: {' then '.join(args.order)}; heatmaps "
+        f"Throughput ratio Ray/local {ratio:.2f} (run order: {order}; heatmaps "
         f"{args.heatmaps}; Ray: {args.workers} workers of 1 CPU, local Ray start-up {remote['ray_start_s']:.1f} s "
         f"outside the timer). Parity: {parity['local_rows']} local rows, {parity['ray_rows']} Ray rows, same "
         f"paths {parity['same_paths']}, largest relative score difference {parity['max_rel_score_diff']:.2e}, "
