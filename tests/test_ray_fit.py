@@ -40,6 +40,7 @@ def images():
     return train, test
 
 
+@pytest.mark.slow  # two fits each, about 40 s on 2 busy cores
 @pytest.mark.parametrize("name", ["padim", "dfm"])
 def test_ray_fit_equals_one_machine_fit(name, images):
     train, test = images
@@ -74,6 +75,7 @@ def test_detectors_that_are_not_sums_are_refused(images):
         fit_on_ray(create_detector("patchcore", **PARAMS), images[0])
 
 
+@pytest.mark.slow
 def test_cli_fit_engine_ray(images, tmp_path, capsys):
     import cv2
 

@@ -165,6 +165,7 @@ def test_killed_worker_still_gives_one_row_per_file(model_path, tmp_path):
     assert lines == N_FILES + 1
 
 
+@pytest.mark.slow  # a CLI process of its own (imports torch, joins the cluster)
 def test_killed_driver_then_rerun(model_path, tmp_path, ray_cluster):
     """kill -9 of a CLI scan on this cluster (its actors die with it); the re-run finishes the rest."""
     root = many_files(tmp_path)
