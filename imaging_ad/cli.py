@@ -68,6 +68,16 @@ def _parser() -> argparse.ArgumentParser:
         "--param", action="append", default=[], metavar="KEY=VALUE", help="any detector hyperparameter"
     )
     p.add_argument("--out", required=True, help="model file to write; must end in .safetensors")
+    p.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="ray: extract features and sum statistics on a Ray cluster (PaDiM and DFM; the [cluster] extra)",
+    )
+    p.add_argument("--address", default=None, help="with --engine ray: an existing Ray cluster's address")
+    p.add_argument(
+        "--workers", type=int, default=None, help="with --engine ray: Ray tasks (default: cluster CPUs)"
+    )
     p.set_defaults(run=_fit)
 
     p = sub.add_parser("evaluate", help="metrics of MODEL on the test split of DATA")
@@ -116,9 +126,30 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=None, help="raw score threshold (default: calibrated)")
     p.add_argument("--heatmaps", choices=("flagged", "all", "none"), default="flagged", help="overlays")
     p.add_argument("--device", default="auto")
-    p.add_argument("--workers", type=int, default=None, help="read/preprocess threads (default: 2-4)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="read/preprocess threads (default: 2-4); with --engine ray: model-holding Ray workers "
+        "(default: one per CPU of the cluster)",
+    )
     p.add_argument("--batch-size", type=int, default=None, help="default: the model's batch size")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="where images are scored: this process (default) or a Ray cluster (the [cluster] extra); "
+        "outputs are written here either way",
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        help="with --engine ray: an existing Ray cluster (e.g. ray://head:10001 or auto); default: a local one",
+    )
+    p.add_argument(
+        "--gpus-per-worker", type=float, default=0.0, help="with --engine ray: GPUs each worker reserves"
+    )
     p.add_argument(
         "--dicom-out",
         default=None,
@@ -233,12 +264,22 @@ def _fit(args: argparse.Namespace) -> int:
         params["clahe"] = True
     params["device"] = args.device
     detector = create_detector(detector_name, **params)  # checks every hyperparameter, reads nothing
+    if args.engine == "ray" and (args.validation or not detector.fit_statistics):
+        raise ValueError(
+            "--engine ray fits PaDiM and DFM (sums of statistics) with cross-fitted thresholds; "
+            f"not {detector_name}" + (" with --validation" if args.validation else "")
+        )
     dataset = _open_dataset(args)
     train = dataset.train  # refuses class folders of unknown meaning, naming them
     validation = discover_dataset(args.validation).train if args.validation else None
     print(f"fitting {detector_name} on {len(train)} normal images from {dataset.root}", file=sys.stderr)
     start = time.perf_counter()
-    detector.fit(train, validation_images=validation)
+    if args.engine == "ray":
+        from imaging_ad.detectors.ray_fit import fit_on_ray
+
+        fit_on_ray(detector, train, workers=args.workers, address=args.address)
+    else:
+        detector.fit(train, validation_images=validation)
     seconds = time.perf_counter() - start
     path = detector.save(args.out)
     print(f"fitted in {seconds:.1f} s; saved {path}")
@@ -406,6 +447,9 @@ def _scan(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             progress_bar=not args.no_progress,
             dicom_out=args.dicom_out,
+            engine=args.engine,
+            address=args.address,
+            gpus_per_worker=args.gpus_per_worker,
         )
     except KeyboardInterrupt:
         print(

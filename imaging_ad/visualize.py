@@ -201,6 +201,15 @@ def save_png(path: str | os.PathLike, rgb: ArrayLike) -> Path:
     False) and cannot handle non-ASCII paths on Windows.
     """
     path = Path(path)
+    encoded = encode_png(rgb, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(encoded)
+    return path
+
+
+def encode_png(rgb: ArrayLike, name: str | os.PathLike = "the image") -> bytes:
+    """The PNG file's bytes of an RGB (or grayscale) uint8/uint16 image: rendered where the pixels are (a
+    Ray worker) and written where the outputs are (the scan's driver), byte for byte as :func:`save_png`."""
     img = np.asarray(rgb)
     if img.dtype not in (np.uint8, np.uint16):
         raise ValueError(f"save_png expects uint8 or uint16 pixels, got {img.dtype}; see to_display_rgb")
@@ -212,10 +221,8 @@ def save_png(path: str | os.PathLike, rgb: ArrayLike) -> Path:
         raise ValueError(f"save_png expects HxW, HxWx3 or HxWx4, got shape {img.shape}")
     ok, encoded = cv2.imencode(".png", img)
     if not ok:
-        raise OSError(f"PNG encoding failed for {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(encoded.tobytes())
-    return path
+        raise OSError(f"PNG encoding failed for {name}")
+    return encoded.tobytes()
 
 
 def _as_heatmap(heatmap: ArrayLike) -> np.ndarray:

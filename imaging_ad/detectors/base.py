@@ -89,6 +89,10 @@ class Detector(ABC):
     #: how calibration scores of the training images are made without each image (e.g. "leave-one-out");
     #: None: a held-out split of the normal images sets the thresholds instead
     cross_fitting: ClassVar[str | None] = None
+    #: the attributes ``partial_fit`` accumulates that are sums over images (numbers and tensors add up,
+    #: lists join in order): a fit split over machines adds its shards' values before ``end_fit``
+    #: (:mod:`imaging_ad.detectors.ray_fit`); empty for detectors whose fit is no such sum
+    fit_statistics: ClassVar[tuple[str, ...]] = ()
     #: whether the out-of-domain guard compares deep features (detectors of raw pixels check image facts only)
     guards_features: ClassVar[bool] = True
     #: whether the head is a fixed tensor graph that ONNX and TorchScript can hold

@@ -69,6 +69,8 @@ class DFM(Detector):
     # adding stride 8 0.975 (but a noisier heatmap), stride 32 alone 0.962.
     feature_strides = (16, 32)
     cross_fitting = f"{_FOLDS}-fold: each training image against the pooled Gaussian of the other folds"
+    # each image's pooled vector (in order), and the patches' count, sum and sum of outer products
+    fit_statistics = ("_pooled", "_count", "_total", "_outer")
     param_constraints = {"patch_regularization": Interval(0, None, "neither")}
 
     def __init__(self, *, pool_std: bool = True, patch_regularization: float = 0.01, **kwargs) -> None:

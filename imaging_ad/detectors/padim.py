@@ -89,6 +89,7 @@ class PaDiM(Detector):
 
     feature_strides = (4, 8, 16)
     cross_fitting = "exact leave-one-out: each training image against its position's Gaussian without it"
+    fit_statistics = ("_count", "_total", "_outer")  # per position: images, sums, sums of outer products
     param_constraints = {
         "n_features": Interval(1, None),
         "regularization": Interval(0, None, "neither"),

@@ -35,6 +35,8 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger("imaging_ad.scan")
 
 HEATMAP_MODES = ("flagged", "all", "none")
+#: where files are scored: this process (the default, needs no Ray) or a Ray cluster's actors
+ENGINES = ("local", "ray")
 REPORT_NAME = "report.html"
 
 
@@ -129,6 +131,29 @@ class ScanSummary:
         )
 
 
+@dataclass
+class RenderedOutcome(Outcome):
+    """An outcome scored elsewhere (a Ray worker) that arrives with its overlay drawn already (PNG bytes;
+    None when the pixel layout allowed none) instead of its pixels and heatmap."""
+
+    overlay_png: bytes | None = None
+
+
+def render_overlay(outcome: Outcome, calibration: Calibration, name: str) -> bytes | None:
+    """The overlay PNG of a scored outcome that kept its record: the same bytes wherever it is drawn
+    (this process's writer thread, or the Ray worker that scored it). None for an odd pixel layout."""
+    from imaging_ad.visualize import ColourScale, encode_png, overlay_with_legend
+
+    pixels = outcome.record.pixels if isinstance(outcome.record, ImageRecord) else outcome.record
+    try:
+        # blue up to the calibrated pixel threshold (as normal as normal images get), red at the peak
+        image = overlay_with_legend(pixels, outcome.result.heatmap, ColourScale.of(calibration))
+    except (ValueError, TypeError) as exc:  # an odd pixel layout: keep the score, skip the picture
+        log.warning("%s: no overlay (%s)", name, exc)
+        return None
+    return encode_png(image, name)
+
+
 @dataclass(frozen=True)
 class _Item:
     relpath: str
@@ -155,6 +180,9 @@ def scan(
     dicom_out: str | os.PathLike | None = None,
     allowed_roots: Sequence[str | os.PathLike] | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    engine: str = "local",
+    address: str | None = None,
+    gpus_per_worker: float = 0.0,
 ) -> ScanSummary:
     """Score every image under ``input_dir`` with the model file ``model``; results go to ``out_dir``.
 
@@ -175,6 +203,13 @@ def scan(
     error; exceptions mean the scan could not run, as does a folder without any image file ``allowed_roots`` (a server's allowed folders): files whose real path lies outside all of
     them, through a link, are skipped and never read. ``max_pixels``: images whose header declares more
     are error rows, refused before decoding (a server's per-request memory bound).
+
+    ``engine="ray"`` scores on a Ray cluster (the ``[cluster]`` extra): ``address`` names an existing
+    cluster (default: the one this process is connected to, else a new local one), ``workers`` is then
+    the number of model-holding actors (default: one per CPU of the cluster) and ``gpus_per_worker`` the
+    GPUs each reserves. Files are listed and rows, overlays and the report written here, by the same code
+    as a local scan, so the outputs are the same; the model file and the input folder must be readable
+    at the same paths on every node (see :mod:`imaging_ad.scan.ray_engine`).
     """
     from imaging_ad.detectors import load_detector, read_description
 
@@ -191,6 +226,20 @@ def scan(
         raise ScanError(f"workers must be at least 1, got {workers}")
     if batch_size is not None and batch_size < 1:
         raise ScanError(f"batch size must be at least 1, got {batch_size}")
+    if engine not in ENGINES:
+        raise ScanError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if engine == "local" and (address is not None or gpus_per_worker):
+        raise ScanError("address and gpus_per_worker are options of engine='ray'")
+    if engine == "ray" and dicom_out is not None:
+        raise ScanError(
+            "DICOM results (dicom_out) are written by the local engine only; scan without --engine ray"
+        )
+    if engine == "ray" and detector is not None:
+        raise ScanError(
+            "engine='ray' loads the model in its workers; pass the model file, not a loaded detector"
+        )
+    if gpus_per_worker < 0:
+        raise ScanError(f"gpus_per_worker must not be negative, got {gpus_per_worker}")
     root, out = root.resolve(), out.resolve()
     if out == root or out in root.parents:
         raise ScanError(f"the output folder {out} must not contain the input folder {root}")
@@ -207,7 +256,14 @@ def scan(
 
     description = read_description(model_path)  # cheap: the header only, before the slow load
     fingerprint = description["sha256"]
-    if detector is None:
+    remote = None
+    if engine == "ray":
+        from imaging_ad.scan.ray_engine import RayEngine
+
+        # the driver never loads the network: its workers do; it needs the calibration to write rows
+        remote = RayEngine(model_path, description, address, workers, gpus_per_worker, device)
+        detector = remote.model
+    elif detector is None:
         detector = load_detector(model_path, device=device)
     calibration = detector.calibration_
     if calibration is None:
@@ -220,7 +276,7 @@ def scan(
         )
     threshold = float(calibration.image_threshold if threshold is None else threshold)
     batch_size = int(batch_size or detector.batch_size)
-    workers = int(workers or min(4, os.cpu_count() or 1))
+    workers = int(workers or min(4, os.cpu_count() or 1)) if remote is None else 0
 
     relpaths = [path.relative_to(root).as_posix() for path in discover(root, out, allowed_roots)]
     if not relpaths:  # before the output folder is touched: an empty scan writes nothing
@@ -243,9 +299,14 @@ def scan(
             progress_bar,
             dicom_writer,
             max_pixels,
+            remote,
         )
         start = time.perf_counter()
-        runner.run(todo, n_skipped)
+        try:
+            runner.run(todo, n_skipped)
+        finally:
+            if remote is not None:
+                remote.close()
         seconds = time.perf_counter() - start
         if dicom_writer is not None:
             dicom_writer.finish()  # one key object selection per study
@@ -376,6 +437,7 @@ class _Runner:
     progress_bar: bool
     dicom: Any = None  # a DicomResultWriter when the scan writes DICOM results
     max_pixels: int = DEFAULT_MAX_PIXELS
+    remote: Any = None  # a RayEngine scoring on a cluster instead of this process
     n_done: int = 0
     n_flagged: int = 0
     n_errors: int = 0
@@ -423,15 +485,21 @@ class _Runner:
 
             for chunk in range(0, len(unreadable), self.batch_size):
                 write([(item, None) for item in unreadable[chunk : chunk + self.batch_size]])
-            outcomes = stream_batches(
-                self.detector,
-                [self.root / item.relpath for item in readable],
-                batch_size=self.batch_size,
-                workers=self.workers,
-                keep_records=self.heatmaps != "none" or self.dicom is not None,
-                threshold=self.threshold,
-                reader=partial(read_image, max_pixels=self.max_pixels),
-            )
+            paths = [self.root / item.relpath for item in readable]
+            if self.remote is not None:  # a cluster's actors, blocks in the order they finish
+                outcomes = self.remote.batches(
+                    paths, self.batch_size, self.threshold, self.heatmaps, self.max_pixels
+                )
+            else:
+                outcomes = stream_batches(
+                    self.detector,
+                    paths,
+                    batch_size=self.batch_size,
+                    workers=self.workers,
+                    keep_records=self.heatmaps != "none" or self.dicom is not None,
+                    threshold=self.threshold,
+                    reader=partial(read_image, max_pixels=self.max_pixels),
+                )
             for batch in outcomes:
                 write([(by_path[outcome.path], outcome) for outcome in batch])
             while writes:
@@ -494,22 +562,18 @@ class _Runner:
         }
 
     def _write_overlay(self, item: _Item, outcome: Outcome) -> str | None:
-        from imaging_ad.visualize import ColourScale, overlay_with_legend, save_png
-
         # mirrors the input tree; names are distinct per input (see overlay_names)
         rel = f"{HEATMAP_DIR}/{item.overlay}"
         path = self.store.out_dir / rel
-        pixels = outcome.record.pixels if isinstance(outcome.record, ImageRecord) else outcome.record
-        try:
-            # blue up to the calibrated pixel threshold (as normal as normal images get), red at the peak
-            image = overlay_with_legend(
-                pixels, outcome.result.heatmap, ColourScale.of(self.detector.calibration_)
-            )
-        except (ValueError, TypeError) as exc:  # an odd pixel layout: keep the score, skip the picture
-            log.warning("%s: no overlay (%s)", item.relpath, exc)
+        if isinstance(outcome, RenderedOutcome):  # drawn by the worker that scored it
+            png = outcome.overlay_png
+        else:
+            png = render_overlay(outcome, self.detector.calibration_, item.relpath)
+        if png is None:
             return None
         with writing(path):  # a full disk: the error names the overlay, no 0-byte file is left
-            save_png(path, image)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(png)
         self.n_overlays += 1
         return rel
 
