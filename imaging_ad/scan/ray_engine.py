@@ -31,7 +31,7 @@ from typing import Any
 
 from imaging_ad.calibration import Calibration
 from imaging_ad.result import AnomalyResult
-from imaging_ad.scan.runner import RenderedOutcome, ScanError, render_overlay
+from imaging_ad.scan.runner import RenderedOutcome, ScanError, render_overlay, wants_overlay
 
 log = logging.getLogger("imaging_ad.scan")
 
@@ -135,7 +135,7 @@ class ScanWorker:
                     scored.append(_Scored(outcome.path, outcome.reason, outcome.error_code))
                     continue
                 result = outcome.result
-                draw = heatmaps == "all" or (heatmaps == "flagged" and bool(result.is_anomaly))
+                draw = wants_overlay(heatmaps, result)
                 png = render_overlay(outcome, self.detector.calibration_, outcome.path) if draw else None
                 outcome.record = None
                 scored.append(

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from imaging_ad.calibration import Calibration
 from imaging_ad.inference import Outcome, background_priority
 from imaging_ad.io import DEFAULT_MAX_PIXELS, ImageRecord, read_image
+from imaging_ad.result import AnomalyResult
 from imaging_ad.scan.store import HEATMAP_DIR, INVALIDATED_DIR, ResultStore, ScanSettings, writing
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -137,6 +138,12 @@ class RenderedOutcome(Outcome):
     None when the pixel layout allowed none) instead of its pixels and heatmap."""
 
     overlay_png: bytes | None = None
+
+
+def wants_overlay(heatmaps: str, result: AnomalyResult) -> bool:
+    """Whether a scored image gets an overlay: all of them, none, or (``"flagged"``) the flagged ones and
+    those outside the model's domain, which the report lists for review."""
+    return heatmaps == "all" or (heatmaps == "flagged" and bool(result.is_anomaly or result.out_of_domain))
 
 
 def render_overlay(outcome: Outcome, calibration: Calibration, name: str) -> bytes | None:
@@ -529,9 +536,7 @@ class _Runner:
                 continue
             result = outcome.result
             heatmap_rel = None
-            # "flagged" overlays also show images outside the domain: the report lists them for review
-            needs_review = result.is_anomaly or result.out_of_domain
-            if self.heatmaps == "all" or (needs_review and self.heatmaps == "flagged"):
+            if wants_overlay(self.heatmaps, result):
                 heatmap_rel = self._write_overlay(item, outcome)
             is_dicom = isinstance(outcome.record, ImageRecord) and outcome.record.meta.format == "DICOM"
             if result.verdict in ("anomalous", "out of domain") and is_dicom and self.dicom is not None:
