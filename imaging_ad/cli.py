@@ -18,6 +18,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from imaging_ad.io import ImageReadError
@@ -279,7 +280,11 @@ def _fit(args: argparse.Namespace) -> int:
 
         fit_on_ray(detector, train, workers=args.workers, address=args.address)
     else:
-        detector.fit(train, validation_images=validation)
+        from imaging_ad.detectors.base import CalibrationWarning
+
+        with warnings.catch_warnings():  # _report_calibration prints them, once, after the summary
+            warnings.simplefilter("ignore", CalibrationWarning)
+            detector.fit(train, validation_images=validation)
     seconds = time.perf_counter() - start
     path = detector.save(args.out)
     print(f"fitted in {seconds:.1f} s; saved {path}")
@@ -319,9 +324,13 @@ def _calibrate(args: argparse.Namespace) -> int:
     detector = load_detector(Path(args.model), device=args.device)
     _say_trust(args.model)
     when = time.strftime("%Y-%m-%d")
-    detector.recalibrate(
-        images, source=f"site calibration on {when}: {len(images)} normals from {', '.join(args.normals)}"
-    )
+    from imaging_ad.detectors.base import CalibrationWarning
+
+    with warnings.catch_warnings():  # _report_calibration prints them, once, after the summary
+        warnings.simplefilter("ignore", CalibrationWarning)
+        detector.recalibrate(
+            images, source=f"site calibration on {when}: {len(images)} normals from {', '.join(args.normals)}"
+        )
     path = detector.save(out)
     print(f"re-calibrated {args.model} on {len(images)} site normals; saved {path}")
     _report_calibration(detector.calibration_)

@@ -84,7 +84,11 @@ def format_metrics(report: dict) -> str:
         fpr = report.get("calibration_target_fpr")
         source = (
             f"the calibrated threshold {threshold:.4g} (score > {threshold:.4g} is anomalous"
-            + (f"; set for {fpr:.1%} false positives on held-out normals)" if fpr is not None else ")")
+            + (
+                f"; set for {fpr:.1%} false positives on normals it did not learn from)"
+                if fpr is not None
+                else ")"
+            )
             if report.get("threshold_source") == "calibrated"
             else f"the threshold {threshold:.4g}"
         )

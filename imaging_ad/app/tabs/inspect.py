@@ -56,7 +56,7 @@ def verdict_markdown(result: InspectResult | None, normalized_threshold: float) 
         f"| score | <span id='inspect-score'>{result.score:.4f}</span> |\n"
         f"| normalised score | {result.normalized_score:.3f} |\n"
         f"| threshold | {normalized_threshold:.2f} normalised = {raw:.4f} raw "
-        f"(calibrated: 0.50 = {result.threshold:.4f}, {result.target_fpr:.0%} false positives on held-out normals) |\n"
+        f"(calibrated: 0.50 = {result.threshold:.4f}, {result.target_fpr:.0%} false positives on normals it did not learn from) |\n"
         f"| image | {html.escape(result.name)} |\n"
         f"| model | {html.escape(result.model_name)} ({result.model_seconds * 1000:.0f} ms to read and score) |\n\n"
         "Heatmap colours (the bar beside the pictures): blue up to the calibrated pixel threshold (as normal as "
