@@ -40,7 +40,8 @@ def test_shipped_model_and_examples_are_in_the_repository() -> None:
     entries = shipped_models(WEIGHTS_DIR)
     assert [e.name for e in entries] == [m["name"] for m in registry["models"]]
     default = entries[0]
-    assert default.path.stat().st_size < 5 * 1024 * 1024  # "a few MB at most"
+    # "a few MB at most": the bank (2,000 rows), and the domain guard's 1,341 pooled vectors (2.3 MB)
+    assert default.path.stat().st_size < 8 * 1024 * 1024
     assert file_sha256(default.path) == default.sha256
     assert len(EXAMPLES) >= 6
     assert {p.name.split("_")[0] for p in EXAMPLES} == {"normal", "pneumonia"}
