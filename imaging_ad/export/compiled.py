@@ -1,0 +1,281 @@
+"""Run a fitted detector's graph in ONNX Runtime behind the detector's own API (``--runtime``).
+
+PyTorch eager leaves most of a CPU unused on this workload (batch norm and tf-style padding as separate
+passes, no layout blocking); ONNX Runtime's optimiser folds and fuses them. The graph is the export
+path's (:func:`~imaging_ad.export.build_graph`: backbone + the detector's head + heatmap smoothing +
+domain guard), written once by :func:`~imaging_ad.export.export_model` (which checks it against the
+detector) and cached next to the model file as ``MODEL.safetensors.ort/<fingerprint>.onnx`` (or in the
+user cache when that folder is read-only). The fingerprint is the model file's SHA-256 with the versions
+that shape the graph, so a changed model file or library builds a new graph and never reuses a stale one.
+
+The result, a :class:`CompiledDetector`, is the detector with ``score_batch`` run by ONNX Runtime: the
+same inference stream, preprocessing, thresholds, domain guard and heatmaps at input resolution, the
+same :class:`~imaging_ad.result.AnomalyResult` objects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imaging_ad.detectors import Detector, load_detector
+from imaging_ad.export.errors import ExportError
+from imaging_ad.export.onnx import DEFAULT_OPSET
+from imaging_ad.io.checksum import file_sha256
+from imaging_ad.result import AnomalyResult
+from imaging_ad.trust import TrustPolicy
+
+log = logging.getLogger(__name__)
+
+RUNTIMES = ("auto", "torch", "onnxruntime")
+#: bump when the way the cached graph is built changes (static padding: 1)
+GRAPH_RECIPE = 1
+CACHE_ENV = "IMAGING_AD_CACHE"
+CACHE_SUFFIX = ".ort"
+
+
+@dataclass(frozen=True)
+class RuntimeChoice:
+    """Which runtime scores, and why (one line for logs and the CLI header)."""
+
+    runtime: str  # "torch" or "onnxruntime"
+    note: str
+
+    def __str__(self) -> str:
+        return f"runtime: {self.runtime} ({self.note})"
+
+
+def onnxruntime_available() -> bool:
+    try:
+        import onnx  # noqa: F401  (export needs it)
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on (the affinity mask where the platform has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover  (macOS, Windows)
+        return os.cpu_count() or 1
+
+
+class CompiledDetector:
+    """A fitted detector whose graph runs in ONNX Runtime; everything else is the detector's own.
+
+    ``score_batch`` runs the cached ONNX graph; ``predict`` is :meth:`Detector.predict` (the one
+    inference stream) over it; any other attribute (``calibration_``, ``preprocessor_``, ``name``,
+    ``batch_size``, ...) is the wrapped detector's. Re-fitting or re-calibrating should go through the
+    detector itself (``.detector``) and a new :func:`with_runtime`.
+    """
+
+    runtime = "onnxruntime"
+
+    def __init__(self, detector: Detector, exported: Any, onnx_path: Path, choice: RuntimeChoice) -> None:
+        self.detector = detector
+        self.exported = exported  # an ExportedModel: sidecar-checked file + OnnxBackend
+        self.onnx_path = onnx_path
+        self.runtime_choice = choice
+
+    def score_batch(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Preprocessed ``(B, 3, S, S)`` -> (scores, smoothed heatmaps at model-input size, domain distances
+        or None): :meth:`Detector.score_batch`'s contract."""
+        if not isinstance(batch, np.ndarray):  # a torch tensor from a caller of the detector's API
+            batch = batch.detach().cpu().numpy()
+        scores, heatmaps, distances = self.exported.score_batch(batch)
+        if self.detector.domain_guard_ is None:
+            distances = None
+        return scores, heatmaps, distances
+
+    def predict(self, images: Sequence[Any] | Any) -> list[AnomalyResult]:
+        return Detector.predict(self, images)  # type: ignore[arg-type]  (the stream needs only the duck)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "detector":  # not yet set (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.detector, name)
+
+    def __repr__(self) -> str:
+        return f"CompiledDetector({self.detector!r}, {self.onnx_path})"
+
+
+def fingerprint(model_sha256: str) -> str:
+    """Cache key of the graph built from a model file: its SHA-256 and what shapes the graph."""
+    import onnx
+    import onnxruntime
+    import timm
+    import torch
+
+    import imaging_ad
+
+    parts = {
+        "model_sha256": model_sha256,
+        "imaging_ad": imaging_ad.__version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "opset": DEFAULT_OPSET,
+        "recipe": GRAPH_RECIPE,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def user_cache_dir() -> Path:
+    """``$IMAGING_AD_CACHE``, else ``$XDG_CACHE_HOME/imaging_ad``, else ``~/.cache/imaging_ad``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "imaging_ad"
+
+
+def _writable_dir(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+        return True
+    except OSError:
+        return False
+
+
+def cache_dir_for(model_path: Path | None) -> tuple[Path, bool]:
+    """Where the graph of ``model_path`` is cached, and whether that folder is the model's own (then
+    graphs of earlier versions of the model are removed from it)."""
+    if model_path is not None:
+        own = model_path.with_name(model_path.name + CACHE_SUFFIX)
+        if _writable_dir(own):  # created if need be; a read-only model folder cannot hold it
+            return own, True
+    return user_cache_dir() / "onnxruntime", False
+
+
+def _state_sha256(detector: Detector) -> str:
+    """A fitted detector's content hash, for one not loaded from a file (its description and tensors)."""
+    from imaging_ad.detectors.persistence import fitted_model_description
+
+    digest = hashlib.sha256(
+        json.dumps(fitted_model_description(detector), sort_keys=True, default=str).encode()
+    )
+    for name, tensor in sorted(detector.learned_state().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    for name, tensor in sorted(detector.feature_module().state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cached_graph(detector: Detector, model_path: Path | None = None) -> tuple[Path, bool, float]:
+    """The ONNX graph of ``detector`` (loaded from ``model_path``, if given): from the cache, or exported
+    (and checked against the detector) into it. Returns (path, built now, seconds spent building)."""
+    from imaging_ad.export.exporter import export_model
+
+    sha = file_sha256(model_path) if model_path is not None else _state_sha256(detector)
+    key = fingerprint(sha)
+    folder, own = cache_dir_for(model_path)
+    path = folder / f"{key}.onnx"
+    sidecar = path.with_name(path.name + ".json")
+    if path.is_file() and sidecar.is_file():
+        return path, False, 0.0
+    start = time.perf_counter()
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".building-") as tmp:
+        files = export_model(detector, Path(tmp) / path.name, "onnx")  # verified against the detector
+        # sidecar first: a concurrent reader sees the graph only once both are in place
+        os.replace(files.sidecar, sidecar)
+        os.replace(files.model, path)
+    if own:  # graphs of earlier versions of this model file
+        for stale in folder.glob("*.onnx"):
+            if stale != path:
+                stale.unlink(missing_ok=True)
+                stale.with_name(stale.name + ".json").unlink(missing_ok=True)
+    return path, True, time.perf_counter() - start
+
+
+def with_runtime(
+    detector: Detector,
+    runtime: str = "auto",
+    model_path: str | os.PathLike | None = None,
+    threads: int | None = None,
+) -> Detector | CompiledDetector:
+    """``detector`` scored by ``runtime``: ``"torch"`` (the detector itself), ``"onnxruntime"`` (a
+    :class:`CompiledDetector`), or ``"auto"``: onnxruntime when it is installed, the detector is exportable
+    and runs on the CPU, else torch. A detector that cannot be exported stays on torch with a note.
+    Either way the returned object has a ``runtime_choice`` attribute (:class:`RuntimeChoice`) saying which ran and
+    why. ``model_path``: the file ``detector`` was loaded from (the cache key and place); without it the
+    graph is keyed on the detector's tensors and cached in the user cache. ``threads``: ONNX Runtime's
+    intra-op threads (default: the cores this process may use)."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+
+    def on_torch(note: str) -> Detector:
+        detector.runtime_choice = RuntimeChoice("torch", note)
+        log.info("%s", detector.runtime_choice)
+        return detector
+
+    if runtime == "torch":
+        return on_torch("asked for")
+    if not onnxruntime_available():
+        if runtime == "onnxruntime":
+            raise RuntimeError(
+                "--runtime onnxruntime needs the onnxruntime and onnx packages: pip install onnxruntime onnx "
+                "(or imaging-ad[export]); --runtime auto falls back to torch"
+            )
+        return on_torch("onnxruntime is not installed")
+    if not detector.exportable:
+        return on_torch(f"{detector.name} cannot run in onnxruntime: {detector.not_exportable_reason()}")
+    if runtime == "auto" and detector.device_.type != "cpu":
+        return on_torch(f"the detector runs on {detector.device_.type}; onnxruntime is used on the CPU")
+    from imaging_ad.export.runtime import load_exported
+
+    path = None if model_path is None else Path(model_path)
+    try:
+        graph, built, seconds = cached_graph(detector, path)
+    except ExportError as exc:  # a head the exporter refuses, or a graph that did not reproduce it
+        if runtime == "onnxruntime":
+            raise
+        return on_torch(f"the graph could not be exported: {exc}")
+    threads = int(threads or cpu_cores())
+    device = "cpu" if detector.device_.type == "cpu" else "auto"
+    # the cached file was written and checked by this process or an earlier one from this very model
+    # (its name is the model's fingerprint); the sidecar's checksum guards against a damaged file
+    exported = load_exported(graph, device=device, threads=threads, trust=TrustPolicy())
+    how = f"graph built and checked in {seconds:.1f} s" if built else "cached graph"
+    choice = RuntimeChoice("onnxruntime", f"{how}: {graph}, {threads} threads")
+    log.info("%s", choice)
+    return CompiledDetector(detector, exported, graph, choice)
+
+
+def load_model(
+    path: str | os.PathLike,
+    runtime: str = "auto",
+    device: str = "auto",
+    trust: TrustPolicy | None = None,
+    threads: int | None = None,
+) -> Detector | CompiledDetector:
+    """:func:`~imaging_ad.detectors.load_detector` scored by ``runtime`` (see :func:`with_runtime`)."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    if runtime == "onnxruntime" and device == "auto":
+        device = "cpu"  # the graph is exported from a CPU copy anyway
+    detector = load_detector(Path(path), device=device, trust=trust)
+    return with_runtime(detector, runtime, model_path=path, threads=threads)
+
+
+def clear_cache(model_path: str | os.PathLike) -> None:
+    """Remove the graphs cached next to ``model_path``."""
+    folder = Path(model_path).with_name(Path(model_path).name + CACHE_SUFFIX)
+    shutil.rmtree(folder, ignore_errors=True)
