@@ -28,16 +28,17 @@ _DYNAMIC: dict[type[nn.Module], tuple[type[nn.Module], float]] = {
 
 
 class StaticSamePad(nn.Module):
-    """A dynamic "same" module with its padding fixed: constant pad, then the module's own plain op."""
+    """A dynamic "same" module with its padding fixed: constant pad, then the plain op (its own padding
+    is 0, its parameters are the dynamic module's)."""
 
-    def __init__(self, op: nn.Module, base: type[nn.Module], pads: tuple[int, int, int, int], value: float):
+    def __init__(self, op: nn.Module, pads: tuple[int, int, int, int], value: float):
         super().__init__()
-        self.op, self.base, self.pads, self.value = op, base, pads, value
+        self.op, self.pads, self.value = op, pads, value
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if any(self.pads):
             x = F.pad(x, self.pads, value=self.value)
-        return self.base.forward(self.op, x)  # the plain op (its own padding is 0)
+        return self.op(x)
 
     def extra_repr(self) -> str:
         return f"pads={self.pads}"
@@ -87,5 +88,7 @@ def with_static_padding(module: nn.Module, image_size: int) -> nn.Module:
         parent = module.get_submodule(parent_name) if parent_name else module
         child = getattr(parent, attribute)
         base, value = _DYNAMIC[type(child)]
-        setattr(parent, attribute, StaticSamePad(child, base, _same_pads(child, height, width), value))
+        pads = _same_pads(child, height, width)
+        child.__class__ = base  # the same parameters and settings (padding 0), without the dynamic pad
+        setattr(parent, attribute, StaticSamePad(child, pads, value))
     return module
