@@ -100,6 +100,15 @@ def test_cache_is_reused_and_rebuilt_when_the_model_changes(tmp_path, images):
     np.testing.assert_allclose(ort_scores, torch_scores, rtol=SCORE_RTOL)
 
 
+def test_a_damaged_cached_graph_is_rebuilt(tmp_path, images):
+    path = create_detector("padim", **SMALL).fit(images[0]).save(tmp_path / "m.safetensors")
+    graph = load_model(path, runtime="onnxruntime").onnx_path
+    graph.write_bytes(graph.read_bytes()[:1000])  # truncated
+    model = load_model(path, runtime="onnxruntime")
+    assert model.onnx_path == graph and "built" in model.runtime_choice.note
+    assert model.predict(images[1][:1])[0].score > 0
+
+
 def test_unwritable_model_folder_uses_the_user_cache(tmp_path, images, monkeypatch):
     path = create_detector("padim", **SMALL).fit(images[0]).save(tmp_path / "m.safetensors")
     real = compiled_module._writable_dir

@@ -252,7 +252,16 @@ def with_runtime(
     device = "cpu" if detector.device_.type == "cpu" else "auto"
     # the cached file was written and checked by this process or an earlier one from this very model
     # (its name is the model's fingerprint); the sidecar's checksum guards against a damaged file
-    exported = load_exported(graph, device=device, threads=threads, trust=TrustPolicy())
+    try:
+        exported = load_exported(graph, device=device, threads=threads, trust=TrustPolicy())
+    except Exception as exc:  # noqa: BLE001  (damaged or truncated: build it again, once)
+        if built:
+            raise
+        log.warning("cached graph %s is not usable (%s): building it again", graph, exc)
+        graph.unlink(missing_ok=True)
+        graph.with_name(graph.name + ".json").unlink(missing_ok=True)
+        graph, built, seconds = cached_graph(detector, path)
+        exported = load_exported(graph, device=device, threads=threads, trust=TrustPolicy())
     how = f"graph built and checked in {seconds:.1f} s" if built else "cached graph"
     choice = RuntimeChoice("onnxruntime", f"{how}: {graph}, {threads} threads")
     log.info("%s", choice)
