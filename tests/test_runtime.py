@@ -219,3 +219,39 @@ def test_loaded_detector_is_unchanged_by_compiling(tmp_path, images):
     assert compiled.detector is detector
     assert [r.score for r in detector.predict(images[1][:2])] == before
     shutil.rmtree(tmp_path / "p.safetensors.ort")
+
+
+def test_int8_check_refuses_moved_scores_and_verdicts():
+    from imaging_ad.export.quantize import compare
+
+    fp32 = np.array([1.0, 2.0, 3.0, 4.0])
+    assert compare(fp32, fp32 * 1.01, threshold=10.0, n_calibration=4).accepted
+    moved = compare(fp32, fp32 * 1.05, threshold=10.0, n_calibration=4)
+    assert not moved.accepted and moved.max_relative_score_difference == pytest.approx(0.05)
+    flipped = compare(fp32, fp32 + np.array([0, 0, 0, 0.01]), threshold=4.005, n_calibration=4)
+    assert flipped.verdict_changes == 1 and not flipped.accepted
+
+
+@pytest.mark.slow
+def test_int8_is_checked_against_fp32_on_held_out_normals(tmp_path, images):
+    from imaging_ad.export.quantize import QuantizationRefused
+
+    path = create_detector("padim", **SMALL).fit(images[0]).save(tmp_path / "m.safetensors")
+    detector = load_detector(path, device="cpu")
+    fp32 = with_runtime(detector, "onnxruntime", model_path=path)
+    try:
+        int8 = with_runtime(detector, "onnxruntime", model_path=path, precision="int8", normals=images[0])
+    except QuantizationRefused as exc:  # refused: the message has the measured gap, nothing is cached
+        assert "moves image scores by up to" in str(exc)
+        assert not list((tmp_path / "m.safetensors.ort").glob("*int8*"))
+        return
+    assert "int8" in int8.runtime_choice.note and int8.onnx_path != fp32.onnx_path
+    got = np.array([r.score for r in int8.predict(images[0][1::2])])
+    want = np.array([r.score for r in fp32.predict(images[0][1::2])])
+    assert np.max(np.abs(got - want) / np.abs(want)) <= 0.02 + 1e-6
+
+
+def test_int8_needs_normals(images):
+    detector = create_detector("padim", **SMALL).fit(images[0])
+    with pytest.raises(ValueError, match="normal images"):
+        with_runtime(detector, "onnxruntime", precision="int8")

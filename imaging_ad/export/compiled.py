@@ -39,6 +39,7 @@ from imaging_ad.trust import TrustPolicy
 log = logging.getLogger(__name__)
 
 RUNTIMES = ("auto", "torch", "onnxruntime")
+PRECISIONS = ("fp32", "int8")
 #: bump when the way the cached graph is built changes (static padding: 1)
 GRAPH_RECIPE = 1
 CACHE_ENV = "IMAGING_AD_CACHE"
@@ -197,12 +198,63 @@ def cached_graph(detector: Detector, model_path: Path | None = None) -> tuple[Pa
         # sidecar first: a concurrent reader sees the graph only once both are in place
         os.replace(files.sidecar, sidecar)
         os.replace(files.model, path)
-    if own:  # graphs of earlier versions of this model file
+    if own:  # graphs of earlier versions of this model file (or of this library)
         for stale in folder.glob("*.onnx"):
-            if stale != path:
+            if not stale.name.startswith(key):
                 stale.unlink(missing_ok=True)
                 stale.with_name(stale.name + ".json").unlink(missing_ok=True)
     return path, True, time.perf_counter() - start
+
+
+def int8_graph(detector: Detector, fp32: Path, normals: Sequence[Any]) -> tuple[Path, dict]:
+    """The int8 graph next to ``fp32``: backbone convolutions quantised with ranges from every other normal
+    image and checked against ``fp32`` on the rest; cached under a name keyed on the normals too. Raises
+    :class:`~imaging_ad.export.quantize.QuantizationRefused` (with the gap) beyond the tolerance."""
+    from imaging_ad.export.quantize import QuantizationRefused, compare, quantize_backbone
+    from imaging_ad.export.runtime import OnnxBackend
+    from imaging_ad.inference import read_ahead
+
+    images = []
+    for outcome in read_ahead(list(normals), detector.preprocessor_):
+        if not outcome.ok:
+            raise outcome.exception or ValueError(outcome.error)
+        images.append(outcome.image)
+    if len(images) < 4:
+        raise ValueError(
+            f"int8 needs normal images to calibrate and check on: got {len(images)}, give at least 4"
+        )
+    stack = np.stack(images)
+    calibration, held_out = stack[0::2], stack[1::2]
+    key = hashlib.sha256(stack.tobytes()).hexdigest()[:12]
+    path = fp32.with_name(f"{fp32.stem}.int8-{key}.onnx")
+    sidecar = path.with_name(path.name + ".json")
+    if path.is_file() and sidecar.is_file():
+        return path, json.loads(sidecar.read_text()).get("quantization", {})
+    with tempfile.TemporaryDirectory(dir=fp32.parent, prefix=".building-") as tmp:
+        candidate = Path(tmp) / path.name
+        quantize_backbone(fp32, candidate, calibration)
+        threshold = detector.calibration_.image_threshold
+
+        def scores(graph: Path) -> np.ndarray:
+            backend = OnnxBackend(graph, device="cpu", threads=cpu_cores())
+            step = max(1, detector.batch_size)
+            return np.concatenate([backend(held_out[i : i + step])[0] for i in range(0, len(held_out), step)])
+
+        check = compare(scores(fp32), scores(candidate), threshold, len(calibration))
+        if not check.accepted:
+            raise QuantizationRefused(
+                f"int8 refused: on {check.held_out_images} held-out normals it moves image scores by up to "
+                f"{check.max_relative_score_difference:.2%} (median {check.median_relative_score_difference:.2%}, "
+                f"tolerance {check.tolerance:.0%}) and changes {check.verdict_changes} verdict(s); use fp32"
+            )
+        description = json.loads(fp32.with_name(fp32.name + ".json").read_text())
+        description.update(
+            model_file=path.name, model_sha256=file_sha256(candidate), quantization=check.to_dict()
+        )
+        (Path(tmp) / "side.json").write_text(json.dumps(description, indent=2))
+        os.replace(Path(tmp) / "side.json", sidecar)
+        os.replace(candidate, path)
+    return path, check.to_dict()
 
 
 def with_runtime(
@@ -210,6 +262,8 @@ def with_runtime(
     runtime: str = "auto",
     model_path: str | os.PathLike | None = None,
     threads: int | None = None,
+    precision: str = "fp32",
+    normals: Sequence[Any] | None = None,
 ) -> Detector | CompiledDetector:
     """``detector`` scored by ``runtime``: ``"torch"`` (the detector itself), ``"onnxruntime"`` (a
     :class:`CompiledDetector`), or ``"auto"``: onnxruntime when it is installed, the detector is exportable
@@ -217,7 +271,16 @@ def with_runtime(
     Either way the returned object has a ``runtime_choice`` attribute (:class:`RuntimeChoice`) saying which ran and
     why. ``model_path``: the file ``detector`` was loaded from (the cache key and place); without it the
     graph is keyed on the detector's tensors and cached in the user cache. ``threads``: ONNX Runtime's
-    intra-op threads (default: the cores this process may use)."""
+    intra-op threads (default: the cores this process may use). ``precision="int8"`` (onnxruntime only,
+    opt-in): the backbone's convolutions quantised, calibrated on half of ``normals`` (normal images) and
+    checked on the other half; refused with the measured gap when scores move beyond tolerance
+    (:mod:`imaging_ad.export.quantize`)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "int8" and (runtime == "torch" or not normals):
+        raise ValueError(
+            "precision int8 runs in onnxruntime and needs normal images (normals=...) to calibrate"
+        )
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
 
@@ -250,22 +313,37 @@ def with_runtime(
         return on_torch(f"the graph could not be exported: {exc}")
     threads = int(threads or cpu_cores())
     device = "cpu" if detector.device_.type == "cpu" else "auto"
-    # the cached file was written and checked by this process or an earlier one from this very model
-    # (its name is the model's fingerprint); the sidecar's checksum guards against a damaged file
-    try:
-        exported = load_exported(graph, device=device, threads=threads, trust=TrustPolicy())
-    except Exception as exc:  # noqa: BLE001  (damaged or truncated: build it again, once)
-        if built:
+    from imaging_ad.export.quantize import QuantizationRefused
+
+    final = graph
+    while True:
+        try:
+            final, quantization = (
+                int8_graph(detector, graph, normals) if precision == "int8" else (graph, None)
+            )
+            # the cached file was written and checked by this process or an earlier one from this very
+            # model (its name is the model's fingerprint); the sidecar's checksum guards against damage
+            exported = load_exported(final, device=device, threads=threads, trust=TrustPolicy())
+            break
+        except QuantizationRefused:
             raise
-        log.warning("cached graph %s is not usable (%s): building it again", graph, exc)
-        graph.unlink(missing_ok=True)
-        graph.with_name(graph.name + ".json").unlink(missing_ok=True)
-        graph, built, seconds = cached_graph(detector, path)
-        exported = load_exported(graph, device=device, threads=threads, trust=TrustPolicy())
+        except Exception as exc:  # noqa: BLE001  (a damaged or truncated cached file: build it again, once)
+            if built:
+                raise
+            log.warning("cached graph %s is not usable (%s): building it again", graph, exc)
+            for stale in {graph, final}:
+                stale.unlink(missing_ok=True)
+                stale.with_name(stale.name + ".json").unlink(missing_ok=True)
+            graph, built, seconds = cached_graph(detector, path)
     how = f"graph built and checked in {seconds:.1f} s" if built else "cached graph"
-    choice = RuntimeChoice("onnxruntime", f"{how}: {graph}, {threads} threads")
+    if quantization:
+        how = (
+            f"int8, scores within {quantization['max_relative_score_difference']:.2%} of fp32 on "
+            f"{quantization['held_out_images']} held-out normals; {how}"
+        )
+    choice = RuntimeChoice("onnxruntime", f"{how}: {final}, {threads} threads")
     log.info("%s", choice)
-    return CompiledDetector(detector, exported, graph, choice)
+    return CompiledDetector(detector, exported, final, choice)
 
 
 def load_model(
