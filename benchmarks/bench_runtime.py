@@ -44,8 +44,8 @@ def spaced(items: list, n: int) -> list:
 
 
 def base_child(listing: str, detector_name: str) -> int:
-    """Fit on the listed training files, then time ``predict`` on the test files each time a line
-    ``go`` arrives; prints ``ready`` and then one number (seconds) per ``go``."""
+    """Fit on the listed training files, then time ``predict`` on test files ``start:stop`` each time a line
+    ``go START STOP`` arrives; prints ``ready`` and then one number (seconds) per ``go``."""
     from imaging_ad.detectors import create_detector
 
     lines = Path(listing).read_text().splitlines()
@@ -55,10 +55,11 @@ def base_child(listing: str, detector_name: str) -> int:
     detector.predict(test[:16])  # warm-up
     print("ready", flush=True)
     for command in sys.stdin:
-        if command.strip() != "go":
+        words = command.split()
+        if not words or words[0] != "go":
             break
         start = time.perf_counter()
-        detector.predict(test)
+        detector.predict(test[int(words[1]) : int(words[2])])
         print(f"{time.perf_counter() - start:.6f}", flush=True)
     return 0
 
@@ -80,8 +81,8 @@ class Base:
         if line != "ready":
             raise RuntimeError(f"base commit's child did not start: {line!r}")
 
-    def time(self) -> float:
-        self.proc.stdin.write("go\n")
+    def time(self, start: int, stop: int) -> float:
+        self.proc.stdin.write(f"go {start} {stop}\n")
         self.proc.stdin.flush()
         return float(self.proc.stdout.readline())
 
@@ -190,10 +191,6 @@ def bench_one(dataset_dir: Path, detector_name: str, args, peak: float) -> dict:
         load_model(path, runtime="onnxruntime")
         row["ort_cached_load_s"] = time.perf_counter() - start
         runs: dict[str, list[float]] = {"torch": [], "onnxruntime": []}
-        contenders = {
-            "torch": lambda: torch_model.predict(test),
-            "onnxruntime": lambda: ort_model.predict(test),
-        }
         base = None
         if args.base:
             listing = folder / "files.txt"
@@ -201,17 +198,24 @@ def bench_one(dataset_dir: Path, detector_name: str, args, peak: float) -> dict:
             base = Base(Path(args.base), listing, detector_name)
             runs["base"] = []
         torch_model.predict(test[:16]), ort_model.predict(test[:16])  # warm-up
+        # chunk by chunk, each runtime in turn (rotating who goes first): a shared machine's load drifts
+        # over minutes, and this way it hits every runtime alike
         order = list(runs)
-        for repeat in range(args.repeats):
-            for name in order[repeat % len(order) :] + order[: repeat % len(order)]:
-                if name == "base":
-                    runs[name].append(base.time())
-                else:
-                    runs[name].extend(timed(contenders[name], 1))
+        turn = 0
+        for _ in range(args.repeats):
+            for start in range(0, len(test), args.chunk):
+                stop = min(start + args.chunk, len(test))
+                for name in order[turn % len(order) :] + order[: turn % len(order)]:
+                    if name == "base":
+                        runs[name].append(base.time(start, stop))
+                    else:
+                        model = torch_model if name == "torch" else ort_model
+                        runs[name].extend(timed(lambda m=model, a=start, b=stop: m.predict(test[a:b]), 1))
+                turn += 1
         if base is not None:
             base.close()
         for name, seconds in runs.items():
-            row[f"files_{name}"] = len(test) / float(np.median(seconds))
+            row[f"files_{name}"] = args.repeats * len(test) / float(np.sum(seconds))
 
         # results: parity and AUROC
         want, got = torch_model.predict(test), ort_model.predict(test)
@@ -232,10 +236,11 @@ def bench_one(dataset_dir: Path, detector_name: str, args, peak: float) -> dict:
         chunks = [tensors[i : i + size] for i in range(0, len(tensors), size)]
         tensor_runs: dict[str, list[float]] = {"torch": [], "onnxruntime": []}
         for _ in range(args.repeats):
-            for name, model in (("torch", torch_model), ("onnxruntime", ort_model)):
-                tensor_runs[name].extend(timed(lambda m=model: [m.score_batch(c) for c in chunks], 1))
+            for chunk in chunks:  # batch by batch, in turn
+                for name, model in (("torch", torch_model), ("onnxruntime", ort_model)):
+                    tensor_runs[name].extend(timed(lambda m=model, c=chunk: m.score_batch(c), 1))
         for name, seconds in tensor_runs.items():
-            row[f"tensors_{name}"] = len(test) / float(np.min(seconds))
+            row[f"tensors_{name}"] = args.repeats * len(test) / float(np.sum(seconds))
 
         # the backbone alone
         module = torch_model.feature_module()
@@ -246,15 +251,16 @@ def bench_one(dataset_dir: Path, detector_name: str, args, peak: float) -> dict:
         with torch.inference_mode():
             module(batch), session.run(None, {"images": chunks[0]})
             for _ in range(args.repeats):
-                backbone_runs["torch"].extend(timed(lambda: [module(torch.from_numpy(c)) for c in chunks], 1))
-                backbone_runs["onnxruntime"].extend(
-                    timed(lambda: [session.run(None, {"images": c}) for c in chunks], 1)
-                )
+                for chunk in chunks:
+                    backbone_runs["torch"].extend(timed(lambda c=chunk: module(torch.from_numpy(c)), 1))
+                    backbone_runs["onnxruntime"].extend(
+                        timed(lambda c=chunk: session.run(None, {"images": c}), 1)
+                    )
         row["backbone_gflop_per_image"] = gflop
         row["image_size"] = pre.image_size
         row["batch_size"] = size
         for name, seconds in backbone_runs.items():
-            per_second = len(test) / float(np.min(seconds))
+            per_second = args.repeats * len(test) / float(np.sum(seconds))
             row[f"backbone_{name}"] = per_second
             row[f"backbone_gflops_{name}"] = per_second * gflop
         row["peak_gflops"] = peak
@@ -314,6 +320,7 @@ def main() -> int:
     parser.add_argument("--train", type=int, default=200, help="training normals per fit")
     parser.add_argument("--test", type=int, default=200, help="test images timed")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--chunk", type=int, default=40, help="images per paired turn when predicting files")
     parser.add_argument("--base", default=None, help="worktree of the commit to compare with (e.g. 2c36f86)")
     parser.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
@@ -350,8 +357,12 @@ def main() -> int:
             handle.write(
                 f"\n## Runtimes: torch vs onnxruntime (issue 21) — {date.today().isoformat()}\n\n"
                 f"Command: `{command}`  \n{args.train} training normals per fit, {args.test} test images "
-                f"(evenly spaced over the sorted test split), median of {args.repeats} paired runs in rotating "
-                "order for files, best run for tensors and backbone.\n\n" + text + "\n" + notes
+                f"(evenly spaced over the sorted test split), {args.repeats} passes; files: chunks of {args.chunk} "
+                "images, each runtime in turn on each chunk (rotating who goes first); tensors and backbone: "
+                "batch by batch in turn. Images/s = images / total seconds per runtime.\n\n"
+                + text
+                + "\n"
+                + notes
             )
     return 0
 
