@@ -255,3 +255,20 @@ def test_int8_needs_normals(images):
     detector = create_detector("padim", **SMALL).fit(images[0])
     with pytest.raises(ValueError, match="normal images"):
         with_runtime(detector, "onnxruntime", precision="int8")
+
+
+def test_patchcore_with_graph_search_runs_its_backbone_in_onnxruntime(tmp_path, images):
+    """A bank searched with HNSW (large banks) stays searched so: only the backbone runs in onnxruntime."""
+    path = (
+        create_detector("patchcore", **SMALL, search="hnsw").fit(images[0]).save(tmp_path / "h.safetensors")
+    )
+    torch_model = load_model(path, runtime="torch")
+    ort_model = load_model(path, runtime="onnxruntime")
+    assert ort_model.features_only and ort_model.onnx_path.name.endswith(".features.onnx")
+    assert "HNSW" in ort_model.runtime_choice.note
+    want, got = torch_model.predict(images[1]), ort_model.predict(images[1])
+    assert [r.is_anomaly for r in got] == [r.is_anomaly for r in want]
+    for a, b in zip(want, got, strict=True):
+        assert abs(b.score - a.score) <= SCORE_RTOL * abs(a.score)
+        assert np.abs(b.heatmap - a.heatmap).max() <= HEATMAP_RTOL * np.abs(a.heatmap).max()
+    assert "cached" in load_model(path, runtime="onnxruntime").runtime_choice.note

@@ -85,9 +85,19 @@ class CompiledDetector:
 
     runtime = "onnxruntime"
 
-    def __init__(self, detector: Detector, exported: Any, onnx_path: Path, choice: RuntimeChoice) -> None:
+    def __init__(
+        self,
+        detector: Detector,
+        exported: Any,
+        onnx_path: Path,
+        choice: RuntimeChoice,
+        features_only: bool = False,
+    ) -> None:
         self.detector = detector
-        self.exported = exported  # an ExportedModel: sidecar-checked file + OnnxBackend
+        # an ExportedModel (sidecar-checked file + OnnxBackend), or, with ``features_only``, the backbone's
+        # OnnxBackend whose feature maps the detector's own head scores
+        self.exported = exported
+        self.features_only = features_only
         self.onnx_path = onnx_path
         self.runtime_choice = choice
 
@@ -96,6 +106,12 @@ class CompiledDetector:
         or None): :meth:`Detector.score_batch`'s contract."""
         if not isinstance(batch, np.ndarray):  # a torch tensor from a caller of the detector's API
             batch = batch.detach().cpu().numpy()
+        if self.features_only:
+            import torch
+
+            device = self.detector.device_
+            features = [torch.from_numpy(f).to(device) for f in self.exported(np.asarray(batch, np.float32))]
+            return self.detector.score_features(features)
         scores, heatmaps, distances = self.exported.score_batch(batch)
         if self.detector.domain_guard_ is None:
             distances = None
@@ -179,25 +195,43 @@ def _state_sha256(detector: Detector) -> str:
     return digest.hexdigest()
 
 
-def cached_graph(detector: Detector, model_path: Path | None = None) -> tuple[Path, bool, float]:
+def uses_graph_search(detector: Detector) -> bool:
+    """Eager scoring searches a large memory bank with a graph (PatchCore's HNSW above 4096 rows), which no
+    ONNX graph holds: its export searches exactly, a matrix product that costs as much as the backbone per
+    4,000 bank rows. Such a detector runs its backbone in ONNX Runtime and its own head in torch."""
+    return getattr(detector.head_, "graph", None) is not None
+
+
+def cached_graph(
+    detector: Detector, model_path: Path | None = None, features_only: bool = False
+) -> tuple[Path, bool, float]:
     """The ONNX graph of ``detector`` (loaded from ``model_path``, if given): from the cache, or exported
-    (and checked against the detector) into it. Returns (path, built now, seconds spent building)."""
+    (and checked against the detector) into it. Returns (path, built now, seconds spent building).
+    ``features_only``: the backbone alone (see :func:`uses_graph_search`)."""
     from imaging_ad.export.exporter import export_model
 
     sha = file_sha256(model_path) if model_path is not None else _state_sha256(detector)
     key = fingerprint(sha)
     folder, own = cache_dir_for(model_path)
-    path = folder / f"{key}.onnx"
+    path = folder / (f"{key}.features.onnx" if features_only else f"{key}.onnx")
     sidecar = path.with_name(path.name + ".json")
     if path.is_file() and sidecar.is_file():
         return path, False, 0.0
     start = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder, prefix=".building-") as tmp:
-        files = export_model(detector, Path(tmp) / path.name, "onnx")  # verified against the detector
+        if features_only:
+            from imaging_ad.export.features import export_features
+
+            model, check = export_features(detector, Path(tmp) / path.name)
+            (Path(tmp) / "side.json").write_text(json.dumps(check))
+            files_sidecar, files_model = Path(tmp) / "side.json", model
+        else:
+            files = export_model(detector, Path(tmp) / path.name, "onnx")  # verified against the detector
+            files_sidecar, files_model = files.sidecar, files.model
         # sidecar first: a concurrent reader sees the graph only once both are in place
-        os.replace(files.sidecar, sidecar)
-        os.replace(files.model, path)
+        os.replace(files_sidecar, sidecar)
+        os.replace(files_model, path)
     if own:  # graphs of earlier versions of this model file (or of this library)
         for stale in folder.glob("*.onnx"):
             if not stale.name.startswith(key):
@@ -305,8 +339,13 @@ def with_runtime(
     from imaging_ad.export.runtime import load_exported
 
     path = None if model_path is None else Path(model_path)
+    split = uses_graph_search(detector)
+    if split and precision == "int8":
+        raise ValueError(
+            "int8 needs the whole graph in onnxruntime; this PatchCore searches its bank with HNSW"
+        )
     try:
-        graph, built, seconds = cached_graph(detector, path)
+        graph, built, seconds = cached_graph(detector, path, features_only=split)
     except ExportError as exc:  # a head the exporter refuses, or a graph that did not reproduce it
         if runtime == "onnxruntime":
             raise
@@ -323,7 +362,12 @@ def with_runtime(
             )
             # the cached file was written and checked by this process or an earlier one from this very
             # model (its name is the model's fingerprint); the sidecar's checksum guards against damage
-            exported = load_exported(final, device=device, threads=threads, trust=TrustPolicy())
+            if split:
+                from imaging_ad.export.features import load_features
+
+                exported = load_features(final, device=device, threads=threads)
+            else:
+                exported = load_exported(final, device=device, threads=threads, trust=TrustPolicy())
             break
         except QuantizationRefused:
             raise
@@ -334,8 +378,10 @@ def with_runtime(
             for stale in {graph, final}:
                 stale.unlink(missing_ok=True)
                 stale.with_name(stale.name + ".json").unlink(missing_ok=True)
-            graph, built, seconds = cached_graph(detector, path)
+            graph, built, seconds = cached_graph(detector, path, features_only=split)
     how = f"graph built and checked in {seconds:.1f} s" if built else "cached graph"
+    if split:
+        how = f"backbone in onnxruntime, the head's HNSW search in torch; {how}"
     if quantization:
         how = (
             f"int8, scores within {quantization['max_relative_score_difference']:.2%} of fp32 on "
@@ -343,7 +389,7 @@ def with_runtime(
         )
     choice = RuntimeChoice("onnxruntime", f"{how}: {final}, {threads} threads")
     log.info("%s", choice)
-    return CompiledDetector(detector, exported, final, choice)
+    return CompiledDetector(detector, exported, final, choice, features_only=split)
 
 
 def load_model(
