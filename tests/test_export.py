@@ -102,7 +102,7 @@ def test_export_reproduces_checkpoint_on_synthetic_images(fitted, textures, form
     model = load_exported(files.model, device="cpu")
     assert_parity(model.predict(test), fitted.predict(test), f"{fitted.name}/{format}")
     for batch in (1, 5):  # the batch axis stays free
-        scores, heatmaps = model.score_batch(model.preprocessor_.batch(test[:batch]))
+        scores, heatmaps, _ = model.score_batch(model.preprocessor_.batch(test[:batch]))
         assert scores.shape == (batch,) and heatmaps.shape == (batch, 128, 128)
 
 
