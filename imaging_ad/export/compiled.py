@@ -58,12 +58,11 @@ class RuntimeChoice:
 
 
 def onnxruntime_available() -> bool:
-    try:
-        import onnx  # noqa: F401  (export needs it)
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """onnxruntime and onnx (the export needs it) are installed; found without importing them (a cold
+    start with a cached graph never needs onnx)."""
+    from importlib.util import find_spec
+
+    return find_spec("onnxruntime") is not None and find_spec("onnx") is not None
 
 
 def cpu_cores() -> int:
@@ -131,20 +130,17 @@ class CompiledDetector:
 
 def fingerprint(model_sha256: str) -> str:
     """Cache key of the graph built from a model file: its SHA-256 and what shapes the graph."""
-    import onnx
-    import onnxruntime
-    import timm
-    import torch
+    from importlib.metadata import version  # no imports of onnx and onnxruntime just for their versions
 
     import imaging_ad
 
     parts = {
         "model_sha256": model_sha256,
         "imaging_ad": imaging_ad.__version__,
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "onnx": onnx.__version__,
-        "onnxruntime": onnxruntime.__version__,
+        "torch": version("torch"),
+        "timm": version("timm"),
+        "onnx": version("onnx"),
+        "onnxruntime": version("onnxruntime"),
         "opset": DEFAULT_OPSET,
         "recipe": GRAPH_RECIPE,
     }
