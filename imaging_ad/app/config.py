@@ -49,6 +49,8 @@ class DemoConfig:
     max_upload_mb: int = 200
     zip_limits: ZipLimits = field(default_factory=ZipLimits)
     device: str = "auto"
+    #: what runs the models: "auto" (onnxruntime when installed and the model exports), "torch", "onnxruntime"
+    runtime: str = "auto"
     #: most files one batch or fit takes (uploads, zip contents or a folder)
     max_batch_files: int = 5000
     #: most pixels one image may have, checked in its header before decoding. This bounds the memory a

@@ -45,6 +45,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default="auto", help="torch device for the models (default auto)")
     parser.add_argument(
+        "--runtime",
+        choices=("auto", "torch", "onnxruntime"),
+        default="auto",
+        help="what runs the models (default auto: onnxruntime when installed and the model can be exported, "
+        "its graph cached next to the model file; else torch)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -133,6 +140,7 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
         "max_upload_mb": args.max_upload_mb,
         "max_pixels": int(getattr(args, "max_megapixels", 25.0) * 1_000_000),
         "device": args.device,
+        "runtime": getattr(args, "runtime", "auto"),
     }
     if args.data_dir:
         kwargs["data_dir"] = Path(args.data_dir)

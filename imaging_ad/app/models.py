@@ -90,8 +90,9 @@ class ModelCache:
     cache: Gradio calls handlers from several threads and a detector load is not something to do twice.
     """
 
-    def __init__(self, device: str = "auto", capacity: int = 3) -> None:
+    def __init__(self, device: str = "auto", capacity: int = 3, runtime: str = "torch") -> None:
         self.device = device
+        self.runtime = runtime
         self.capacity = capacity
         self._items: OrderedDict[tuple[str, int, int], Detector] = OrderedDict()
         self._lock = threading.Lock()
@@ -119,6 +120,15 @@ class ModelCache:
                 self._verified.add(key)
             detector = load_detector(path, device=self.device, trust=trust)
             detector.progress = False
+            if self.runtime != "torch":
+                import torch
+
+                from imaging_ad.export.compiled import with_runtime
+
+                # the same threads as torch's (the launcher's choice for an interactive server)
+                detector = with_runtime(
+                    detector, self.runtime, model_path=path, threads=torch.get_num_threads()
+                )
             # first call pays one-off costs (allocator, oneDNN kernel selection); pay them here, not
             # in the first user's request
             size = detector.preprocessor_.image_size

@@ -121,7 +121,7 @@ class DemoService:
         self.config = config
         config.make_dirs()
         self.store = ReviewStore(config.db_path)
-        self.cache = ModelCache(device=config.device)
+        self.cache = ModelCache(device=config.device, runtime=config.runtime)
 
     # -- models -------------------------------------------------------------------------------------
 

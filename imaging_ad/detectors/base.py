@@ -481,7 +481,14 @@ class Detector(ABC):
         out-of-domain guard's feature distances, None without a guard)."""
         self._check_fitted()
         with torch.inference_mode():
-            features = self._extract(torch.as_tensor(batch).to(self.device_))
+            return self.score_features(self._extract(torch.as_tensor(batch).to(self.device_)))
+
+    def score_features(
+        self, features: list[torch.Tensor]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """:meth:`score_batch` after the backbone: the head, the smoothing and the domain guard on feature
+        maps (from this detector's feature module, or from a runtime that ran it)."""
+        with torch.inference_mode():
             scores, maps = self.head_(features)
             distances = None if self.domain_guard_ is None else self.domain_guard_(features).cpu().numpy()
             return scores.float().cpu().numpy(), self._smooth(maps), distances

@@ -23,12 +23,17 @@ _LAZY = {
     "is_exported_model": "imaging_ad.export.sidecar",
     "read_sidecar": "imaging_ad.export.sidecar",
     "ExportError": "imaging_ad.export.errors",
+    "with_runtime": "imaging_ad.export.compiled",
+    "load_model": "imaging_ad.export.compiled",
+    "CompiledDetector": "imaging_ad.export.compiled",
+    "RUNTIMES": "imaging_ad.export.compiled",
     "ExportedModelError": "imaging_ad.export.errors",
 }
 
 __all__ = list(_LAZY)
 
 if TYPE_CHECKING:  # pragma: no cover
+    from imaging_ad.export.compiled import RUNTIMES, CompiledDetector, load_model, with_runtime  # noqa: F401
     from imaging_ad.export.errors import ExportedModelError, ExportError  # noqa: F401
     from imaging_ad.export.exporter import EXPORT_FORMATS, ExportedFiles, export_model, verify_export  # noqa: F401
     from imaging_ad.export.graph import build_graph, exportable_detectors  # noqa: F401

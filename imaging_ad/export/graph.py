@@ -2,7 +2,8 @@
 
 The graph is the detector's own parts: its feature module (the frozen backbone's selected stages), its
 head (``Detector.export_head``: the head eager scoring calls, with exact search where eager scoring may
-search approximately) and its heatmap smoothing. Nothing is re-implemented here. Shapes are fixed at
+search approximately) and its heatmap smoothing. Nothing is re-implemented here; only tf-style "same"
+padding is fixed for the input size (:mod:`imaging_ad.export.static_padding`). Shapes are fixed at
 export (the model input is ``image_size`` square) except the batch dimension.
 """
 
@@ -15,6 +16,7 @@ from torch import nn
 
 from imaging_ad.detectors.base import Detector
 from imaging_ad.export.errors import ExportError
+from imaging_ad.export.static_padding import with_static_padding
 
 
 class ExportGraph(nn.Module):
@@ -66,6 +68,8 @@ def build_graph(detector: Detector) -> ExportGraph:
         features, head = copy.deepcopy(features).cpu().float(), copy.deepcopy(head).cpu().float()
         guard = None if guard is None else copy.deepcopy(guard).cpu().float()
     size = detector.preprocessor_.image_size
+    # tf-style "same" padding computed once for the fixed input size: constant pads the runtimes fold
+    features = with_static_padding(features, size)
     with torch.inference_mode():
         _, maps = head(features(torch.zeros(1, 3, size, size)))
     smoothing = copy.deepcopy(detector.smoothing_for(maps.shape[-2:])).cpu()

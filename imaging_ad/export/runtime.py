@@ -60,6 +60,8 @@ class OnnxBackend:
         use_cuda = device in ("cuda", "auto") and "CUDAExecutionProvider" in available
         providers = (["CUDAExecutionProvider"] if use_cuda else []) + ["CPUExecutionProvider"]
         options = ort.SessionOptions()
+        # every graph optimisation: constant folding, conv+bias+activation fusion, blocked (NCHWc) layout
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)

@@ -88,6 +88,7 @@ class ScanSummary:
     dicom_out: Path | None = None  # where DICOM results went (scan(dicom_out=...))
     n_dicom_objects: int = 0  # Secondary Captures, Parametric Maps and Key Object Selections written
     n_dicom_failed: int = 0  # flagged DICOM images whose results could not be written (see the log)
+    runtime: str = "torch"  # what scored the images, and why (imaging_ad.export.compiled.RuntimeChoice)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
@@ -178,6 +179,7 @@ def scan(
     threshold: float | None = None,
     heatmaps: str = "flagged",
     device: str = "auto",
+    runtime: str = "torch",
     workers: int | None = None,
     batch_size: int | None = None,
     progress: Callable[[ScanProgress], None] | None = None,
@@ -209,14 +211,16 @@ def scan(
     :mod:`imaging_ad.dicom_results`; needs the ``[dicom]`` extra). Unreadable files become rows with an
     error; exceptions mean the scan could not run, as does a folder without any image file ``allowed_roots`` (a server's allowed folders): files whose real path lies outside all of
     them, through a link, are skipped and never read. ``max_pixels``: images whose header declares more
-    are error rows, refused before decoding (a server's per-request memory bound).
+    are error rows, refused before decoding (a server's per-request memory bound). ``runtime``:
+    ``"torch"``, ``"onnxruntime"`` or ``"auto"`` (see :func:`imaging_ad.export.with_runtime`; the graph is
+    cached next to the model file); a ``detector`` passed in that is already compiled is used as is.
 
     ``engine="ray"`` scores on a Ray cluster (the ``[cluster]`` extra): ``address`` names an existing
     cluster (default: the one this process is connected to, else a new local one), ``workers`` is then
     the number of model-holding actors (default: one per CPU of the cluster) and ``gpus_per_worker`` the
-    GPUs each reserves. Files are listed and rows, overlays and the report written here, by the same code
-    as a local scan, so the outputs are the same; the model file and the input folder must be readable
-    at the same paths on every node (see :mod:`imaging_ad.scan.ray_engine`).
+    GPUs each reserves; its workers score with torch. Files are listed and rows, overlays and the report
+    written here, by the same code as a local scan, so the outputs are the same; the model file and the
+    input folder must be readable at the same paths on every node (see :mod:`imaging_ad.scan.ray_engine`).
     """
     from imaging_ad.detectors import load_detector, read_description
 
@@ -270,8 +274,16 @@ def scan(
         # the driver never loads the network: its workers do; it needs the calibration to write rows
         remote = RayEngine(model_path, description, address, workers, gpus_per_worker, device)
         detector = remote.model
-    elif detector is None:
-        detector = load_detector(model_path, device=device)
+    else:
+        if detector is None:
+            if runtime == "onnxruntime" and device == "auto":
+                device = "cpu"  # the graph runs on the CPU: no GPU copy to move back
+            detector = load_detector(model_path, device=device)
+        if runtime != "torch":
+            from imaging_ad.export.compiled import CompiledDetector, with_runtime
+
+            if not isinstance(detector, CompiledDetector):
+                detector = with_runtime(detector, runtime, model_path=model_path)
     calibration = detector.calibration_
     if calibration is None:
         raise ScanError("the detector is not fitted: it has no calibration")
@@ -360,6 +372,7 @@ def scan(
         dicom_out=dicom_writer.out_dir if dicom_writer is not None else None,
         n_dicom_objects=dicom_writer.n_written if dicom_writer is not None else 0,
         n_dicom_failed=runner.n_dicom_failed,
+        runtime=str(getattr(detector, "runtime_choice", "runtime: torch")),
     )
 
 
