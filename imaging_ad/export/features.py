@@ -5,7 +5,6 @@ export graph and checked against the detector's feature module before it is kept
 from __future__ import annotations
 
 import copy
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ import torch
 
 from imaging_ad.detectors import Detector
 from imaging_ad.export.errors import ExportedModelError, ExportError
-from imaging_ad.export.onnx import DEFAULT_OPSET, INPUT_NAME
+from imaging_ad.export.onnx import DEFAULT_OPSET, trace_to_onnx
 from imaging_ad.export.runtime import OnnxBackend
 from imaging_ad.export.static_padding import with_static_padding
 from imaging_ad.io.checksum import file_sha256
@@ -32,23 +31,9 @@ def export_features(detector: Detector, path: Path, seed: int = 0) -> tuple[Path
     with torch.inference_mode():
         n_outputs = len(module(torch.zeros(1, 3, size, size)))
     outputs = [f"features_{i}" for i in range(n_outputs)]
-    batch = {0: "batch"}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                module,
-                (torch.zeros(2, 3, size, size),),
-                str(path),
-                dynamo=False,
-                input_names=[INPUT_NAME],
-                output_names=outputs,
-                dynamic_axes={INPUT_NAME: batch, **{name: batch for name in outputs}},
-                opset_version=DEFAULT_OPSET,
-                do_constant_folding=True,
-            )
-    except Exception as exc:  # noqa: BLE001
-        raise ExportError(f"ONNX export of the backbone failed: {type(exc).__name__}: {exc}") from exc
+    trace_to_onnx(
+        module, torch.zeros(2, 3, size, size), path, outputs, DEFAULT_OPSET, "ONNX export of the backbone"
+    )
     images = np.random.default_rng(seed).standard_normal((2, 3, size, size)).astype(np.float32)
     with torch.inference_mode():
         expected = [f.numpy() for f in module(torch.from_numpy(images))]

@@ -25,13 +25,23 @@ def write_onnx(graph: ExportGraph, path: Path, image_size: int, opset: int = DEF
             "ONNX export needs the onnx package: pip install onnx (or imaging-ad[export])"
         ) from exc
     example = torch.zeros(2, 3, image_size, image_size)  # batch 2: the batch axis must stay symbolic
+    trace_to_onnx(graph, example, path, list(graph.output_names), opset, "ONNX export")
+    onnx.checker.check_model(str(path), full_check=True)
+    return {"onnx_opset": opset, "onnx": onnx.__version__}
+
+
+def trace_to_onnx(
+    module: torch.nn.Module, example: torch.Tensor, path: Path, outputs: list[str], opset: int, what: str
+) -> None:
+    """Trace ``module`` on ``example`` into ``path``, every input and output's first axis a free batch
+    axis; an exporter failure becomes an :class:`ExportError` that says ``what`` failed (the exporter's
+    own errors name the operator it could not express)."""
     batch = {0: "batch"}
-    outputs = list(graph.output_names)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # deprecation notice of the TorchScript-based exporter
             torch.onnx.export(
-                graph,
+                module,
                 (example,),
                 str(path),
                 dynamo=False,
@@ -41,7 +51,5 @@ def write_onnx(graph: ExportGraph, path: Path, image_size: int, opset: int = DEF
                 opset_version=opset,
                 do_constant_folding=True,
             )
-    except Exception as exc:  # the exporter's own errors name the operator it could not express
-        raise ExportError(f"ONNX export failed: {type(exc).__name__}: {exc}") from exc
-    onnx.checker.check_model(str(path), full_check=True)
-    return {"onnx_opset": opset, "onnx": onnx.__version__}
+    except Exception as exc:  # noqa: BLE001  (any exporter failure means no file to run)
+        raise ExportError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
