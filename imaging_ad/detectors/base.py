@@ -76,6 +76,9 @@ class Detector(ABC):
         share of the normal images kept aside to set thresholds, for detectors that do not cross-fit.
     max_calibration_images
         most training images whose cross-fitted scores set the thresholds (an even random sample beyond).
+    max_guard_images
+        most training images the out-of-domain guard keeps as its reference (an even random sample
+        beyond; each costs a few kB of the model file).
     blur_sigma
         Gaussian smoothing of heatmaps, in model-input pixels (0 disables it).
     batch_size, num_workers, device, seed, progress
@@ -108,6 +111,7 @@ class Detector(ABC):
         "batch_size": Interval(1, None),
         "num_workers": Interval(0, 64),
         "max_calibration_images": Interval(3, None),
+        "max_guard_images": Interval(2, None),
     }
 
     def __init__(
@@ -123,6 +127,7 @@ class Detector(ABC):
         target_fpr: float = 0.01,
         holdout_fraction: float = 0.1,
         max_calibration_images: int = 2000,
+        max_guard_images: int = 2000,
         blur_sigma: float = 4.0,
         batch_size: int = 16,
         num_workers: int = 0,
@@ -140,6 +145,7 @@ class Detector(ABC):
         self.target_fpr = target_fpr
         self.holdout_fraction = holdout_fraction
         self.max_calibration_images = max_calibration_images
+        self.max_guard_images = max_guard_images
         self.blur_sigma = blur_sigma
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -280,7 +286,7 @@ class Detector(ABC):
             self.learn(train, recorder)
             calibration = self._calibrate(held_out, f"held-out split ({self.holdout_fraction:.0%})", source)
         self.calibration_ = self._with_domain_guard(
-            calibration, recorder.reference(self.max_calibration_images, self.seed), recorder.facts
+            calibration, recorder.reference(self.max_guard_images, self.seed), recorder.facts
         )
         self.release_fit_state()
         self._warn_about_calibration()
@@ -299,7 +305,7 @@ class Detector(ABC):
         calibration = self._calibrate(
             images, "site calibration", source or f"{len(images)} normals", recorder
         )
-        reference = recorder.reference(self.max_calibration_images, self.seed)
+        reference = recorder.reference(self.max_guard_images, self.seed)
         if self.domain_guard_ is not None:
             reference = torch.cat([self.domain_guard_.reference.cpu(), reference])
         training = self.calibration_.training_facts

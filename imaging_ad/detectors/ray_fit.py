@@ -87,7 +87,7 @@ def fit_on_ray(
             names,
         )
         detector.calibration_ = detector._with_domain_guard(
-            calibration, recorder.reference(detector.max_calibration_images, detector.seed), recorder.facts
+            calibration, recorder.reference(detector.max_guard_images, detector.seed), recorder.facts
         )
         detector.release_fit_state()
         detector._warn_about_calibration()
