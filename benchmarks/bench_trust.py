@@ -167,12 +167,13 @@ def shipped_model_borders() -> dict:
 
 
 def measure(args: argparse.Namespace) -> None:
+    from imaging_ad.cli import parse_param
     from imaging_ad.data import discover_dataset
 
     out: dict = {"rows": [], "machine": machine(), "date": date.today().isoformat()}
     models = {}
     for name in args.datasets:
-        row, detector = measure_dataset(name, args.accuracy_only, dict(_setting(p) for p in args.param))
+        row, detector = measure_dataset(name, args.accuracy_only, dict(parse_param(p) for p in args.param))
         out["rows"].append(row)
         models[name] = detector
         print(json.dumps(row), flush=True)
@@ -197,11 +198,12 @@ def variants(args: argparse.Namespace) -> None:
     """Scoring-time hyperparameters (ones that need no refit, e.g. PatchCore's ``border`` and ``heatmap``)
     in several combinations: each dataset is fitted once with the defaults, then scored with each
     combination (AUROC and AUPRO need no threshold, so the defaults' calibration does)."""
+    from imaging_ad.cli import parse_param
     from imaging_ad.data import discover_dataset
     from imaging_ad.detectors import create_detector
     from imaging_ad.evaluation import evaluate
 
-    combos = [dict(_setting(item) for item in combo.split(",")) for combo in args.combos]
+    combos = [dict(parse_param(item) for item in combo.split(",")) for combo in args.combos]
     rows = []
     for name in args.datasets:
         dataset = discover_dataset(SHARED / name)
@@ -227,11 +229,6 @@ def variants(args: argparse.Namespace) -> None:
             print(json.dumps(row), flush=True)
     Path(args.out).write_text(json.dumps(rows, indent=2))
     _variants_table(rows, args)
-
-
-def _setting(item: str) -> tuple[str, object]:
-    key, value = item.split("=", 1)
-    return key.strip(), json.loads(value) if value[:1].isdigit() or value in ("true", "false") else value
 
 
 def _variants_table(rows: list[dict], args: argparse.Namespace) -> None:

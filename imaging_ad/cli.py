@@ -282,7 +282,7 @@ def _fit(args: argparse.Namespace) -> int:
             f"{Path(args.out).with_suffix('.safetensors')} (`imaging-ad export` writes .onnx or TorchScript .pt)"
         )
     detector_name = resolve_detector_name(args.detector)
-    params = dict(_parse_param(p) for p in args.param)
+    params = dict(parse_param(p) for p in args.param)
     for option, name in (
         ("backbone", "backbone"),
         ("backbone_weights", "backbone_weights"),
@@ -595,7 +595,7 @@ def _expand_inputs(inputs: list[str]) -> list[Path]:
     return paths
 
 
-def _parse_param(text: str) -> tuple[str, object]:
+def parse_param(text: str) -> tuple[str, object]:
     """``KEY=VALUE`` with VALUE read as JSON where it parses (numbers, true/false, lists), else text."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():

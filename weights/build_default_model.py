@@ -100,10 +100,9 @@ def main() -> None:
     parser.add_argument("--no-registry", action="store_true", help="do not update registry.json")
     parser.add_argument("--param", action="append", default=[], help="KEY=VALUE for PatchCore, repeatable")
     args = parser.parse_args()
-    params = {}
-    for item in args.param:
-        key, value = item.split("=", 1)
-        params[key] = json.loads(value) if value[:1].isdigit() else value
+    from imaging_ad.cli import parse_param
+
+    params = dict(parse_param(item) for item in args.param)
     entry = build(args.data, args.bank, args.image_size, args.out_dir, params=params)
     if not args.no_registry:
         update_registry(entry, args.out_dir / "registry.json")
