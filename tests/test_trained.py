@@ -82,7 +82,7 @@ def test_early_stopping_keeps_the_best_epoch():
     assert not torch.equal(network.weight, seen[-1])
 
 
-@pytest.mark.parametrize("name", ["feature_ae", "image_ae"])
+@pytest.mark.parametrize("name", ["feature_ae", "image_ae", "reverse_distillation", "simplenet"])
 def test_training_is_reproducible_with_a_seed(name):
     rng = np.random.default_rng(1)
     normals = [texture(rng, 64, 64) for _ in range(14)]
@@ -146,3 +146,25 @@ def test_image_autoencoder_with_a_pretrained_encoder_fits_saves_and_loads(tmp_pa
     assert pretrained is not None and pretrained is not detector.extractor_  # a fine-tuned copy
     loaded = load_detector(detector.save(tmp_path / "ae"), device="cpu")
     assert [r.score for r in loaded.predict(normals[:2])] == [r.score for r in detector.predict(normals[:2])]
+
+
+@pytest.mark.parametrize("name", ["reverse_distillation", "simplenet"])
+def test_feature_trained_detectors_find_and_locate_pasted_defects(name, tmp_path):
+    rng = np.random.default_rng(6)
+    normals = [texture(rng) for _ in range(24)]
+    clean = [texture(rng) for _ in range(5)]
+    defects = [paste_defect(texture(rng), rng) for _ in range(5)]
+    detector = create_detector(name, image_size=128, epochs=15, progress=False).fit(normals)
+    results = detector.predict(clean + [image for image, _ in defects])
+    scores = [r.score for r in results]
+    assert min(scores[5:]) > max(scores[:5]), scores
+    for result, (_, mask) in zip(results[5:], defects, strict=True):
+        peak = np.unravel_index(np.argmax(result.heatmap), result.heatmap.shape)
+        # the peak on the pasted blob or within a few pixels of it (the heatmap is smoothed)
+        near = np.zeros_like(mask)
+        near[max(0, peak[0] - 3) : peak[0] + 4, max(0, peak[1] - 3) : peak[1] + 4] = True
+        assert (near & mask).any(), f"{name}: heatmap peak {peak} is off the defect"
+    loaded = load_detector(detector.save(tmp_path / name), device="cpu")
+    again = loaded.predict(clean[:2] + [defects[0][0]])
+    assert [r.score for r in again] == scores[:2] + scores[5:6]  # bit-identical after save and load
+    assert all(np.array_equal(a.heatmap, b.heatmap) for a, b in zip(again, results[:2], strict=False))

@@ -67,3 +67,19 @@ def top_mean(maps: torch.Tensor, fraction: float) -> torch.Tensor:
     flat = maps.flatten(1)
     k = max(1, math.ceil(flat.shape[1] * fraction))
     return flat.topk(k, dim=1).values.mean(1)
+
+
+def channel_statistics(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and standard deviation (floored at 1e-3) of a ``(N, C, h, w)`` cache over
+    images and positions, each ``(1, C, 1, 1)`` float32; summed in chunks in float64 because the cache
+    is large and float16."""
+    total = torch.zeros(maps.shape[1], dtype=torch.float64)
+    squares = torch.zeros_like(total)
+    for chunk in maps.split(64):
+        x = chunk.double()
+        total += x.sum(dim=(0, 2, 3))
+        squares += (x * x).sum(dim=(0, 2, 3))
+    count = maps.shape[0] * maps.shape[2] * maps.shape[3]
+    mean = total / count
+    std = (squares / count - mean * mean).clamp_min(0).sqrt()
+    return mean.float().view(1, -1, 1, 1), std.float().clamp_min(1e-3).view(1, -1, 1, 1)

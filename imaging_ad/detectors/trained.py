@@ -1,4 +1,5 @@
-"""Base for detectors that train a network on normal images (autoencoders, VAE, GANomaly).
+"""Base for detectors that train a network on normal images (reverse distillation, SimpleNet, autoencoders,
+VAE, GANomaly).
 
 Training data is cached once: each training image is read, preprocessed and (in each of the
 ``augmented_copies`` extra views, default none) augmented with ``augment``, then turned into the
@@ -10,6 +11,7 @@ with the folder.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from abc import abstractmethod
 
@@ -42,6 +44,9 @@ class TrainedDetector(Detector):
         share of the training images held out for early stopping.
     max_train_images, max_train_minutes
         caps on the cached training set and on training time (None: no time cap).
+
+    Training is seeded (``seed``: the same seed gives the same network), shows a progress bar with the
+    loss, keeps the epoch with the best validation loss, and on CUDA runs in bfloat16 autocast.
     """
 
     def __init__(
@@ -91,6 +96,9 @@ class TrainedDetector(Detector):
     def _prepare(self, train_inputs: torch.Tensor) -> None:
         """Statistics of the training inputs (e.g. for standardisation), before the network exists."""
 
+    def _learn_from_validation(self, validation_inputs: torch.Tensor) -> None:
+        """What the trained network's outputs on the held-out normals teach (nothing by default)."""
+
     def _extra_state(self) -> dict[str, torch.Tensor]:
         return {}
 
@@ -102,9 +110,17 @@ class TrainedDetector(Detector):
             self.network_.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay
         )
 
+    def _mixed_precision(self) -> contextlib.AbstractContextManager:
+        """bfloat16 autocast on CUDA (same exponent range as float32: no loss scaling needed); on the CPU
+        full precision, where bfloat16 matrix units are rare and training is cheap enough anyway."""
+        if self.device_.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     def _train_step(self, batch: torch.Tensor) -> float:
         self.optimizer_.zero_grad(set_to_none=True)
-        loss = self._loss(batch)
+        with self._mixed_precision():
+            loss = self._loss(batch)
         loss.backward()
         self.optimizer_.step()
         return float(loss.detach())
@@ -154,6 +170,8 @@ class TrainedDetector(Detector):
         self.network_.requires_grad_(False)
         for name in [n for n in vars(self) if n.endswith("optimizer_")]:
             delattr(self, name)  # optimiser moments are twice the network's size and never used again
+        with torch.inference_mode():
+            self._learn_from_validation(validation_inputs)
         self.refresh_head()
 
     def _split_validation(self, images: list[ImageInput]) -> tuple[list[ImageInput], list[ImageInput]]:
@@ -205,6 +223,13 @@ class TrainedDetector(Detector):
         self._set_extra_state(
             {k: v.to(self.device_) for k, v in tensors.items() if not k.startswith(_NETWORK)}
         )
+
+
+def stage_channels(detector: Detector) -> list[int]:
+    """Channels of each of ``detector``'s feature stages, looked up by stride: inside an ensemble the
+    shared extractor also yields other members' stages."""
+    info = detector.extractor_.info
+    return [info.channels[info.reductions.index(stride)] for stride in detector.feature_strides]
 
 
 class ScoringHead(nn.Module):
