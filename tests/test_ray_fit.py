@@ -78,6 +78,7 @@ def test_detectors_that_cannot_be_split_are_refused(images):
         fit_on_ray(create_detector("patchcore", **PARAMS), images[0], coreset_oversampling=0.5)
 
 
+@pytest.mark.slow  # about 35 s on 2 busy cores, with the local Ray
 def test_patchcore_two_level_coreset_on_ray(images):
     """The bank's rows are real patches of the images their sources name, of the one-machine size; the
     calibration equals the driver's own recomputation from the same bank; defects stand out."""

@@ -317,6 +317,9 @@ class PatchCore(Detector):
         self.adopt_fitted_bank(self._coreset.result(), self._coreset.sources(), self._grid)
         del self._coreset, self._n_images, self._seen, self._grid
 
+    def release_fit_state(self) -> None:
+        self.__dict__.pop("_bank_sources", None)
+
     # The pieces of the fit that a fit split over machines (imaging_ad.detectors.ray_fit) reuses: each
     # worker reduces its images' patch_rows with a coreset to a share of the bank, the driver selects
     # memory_bank_rows of the union with the same coreset and adopts them with their images' positions.
@@ -325,7 +328,7 @@ class PatchCore(Detector):
         """A batch's patch embeddings as memory-bank candidates, (B * h * w, D) float32 image by image,
         and the grid (h, w)."""
         embedding = self._embed(features)
-        b, d, h, w = embedding.shape
+        _, d, h, w = embedding.shape
         return embedding.permute(0, 2, 3, 1).reshape(-1, d).float(), (h, w)
 
     def memory_bank_rows(self, n_patches: int) -> int:
