@@ -73,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
         "--engine",
         choices=("local", "ray"),
         default="local",
-        help="ray: extract features and sum statistics on a Ray cluster (PaDiM and DFM; the [cluster] extra)",
+        help="ray: fit on a Ray cluster (PaDiM, DFM, PatchCore; the [cluster] extra)",
     )
     p.add_argument("--address", default=None, help="with --engine ray: an existing Ray cluster's address")
     p.add_argument(
@@ -296,9 +296,12 @@ def _fit(args: argparse.Namespace) -> int:
         params["clahe"] = True
     params["device"] = args.device
     detector = create_detector(detector_name, **params)  # checks every hyperparameter, reads nothing
-    if args.engine == "ray" and (args.validation or not detector.fit_statistics):
+    if args.engine == "ray" and (
+        args.validation or not (detector.fit_statistics or detector.name == "patchcore")
+    ):
         raise ValueError(
-            "--engine ray fits PaDiM and DFM (sums of statistics) with cross-fitted thresholds; "
+            "--engine ray fits PaDiM and DFM (sums of statistics) and PatchCore (a two-level coreset) with "
+            "cross-fitted thresholds; "
             f"not {detector_name}" + (" with --validation" if args.validation else "")
         )
     dataset = _open_dataset(args)

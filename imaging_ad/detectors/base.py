@@ -268,11 +268,8 @@ class Detector(ABC):
                 held_out, "separate validation images", f"{len(held_out)} validation normals"
             )
         elif self.cross_fitting is not None:
-            if len(images) < 3:
-                raise ValueError(f"{len(images)} normal image(s): cross-fitted calibration needs at least 3")
-            chosen = self._calibration_choice(len(images))
+            chosen = self.begin_cross_fitted_fit(len(images))
             recorder = FitRecorder(positions, FeatureCache(chosen, _CALIBRATION_CACHE_BYTES))
-            self._setup()
             self.learn(images, recorder)
             calibration = self._cross_fitted_calibration(images, chosen, recorder.cache, source)
         else:
@@ -285,11 +282,45 @@ class Detector(ABC):
             recorder = FitRecorder(positions)
             self.learn(train, recorder)
             calibration = self._calibrate(held_out, f"held-out split ({self.holdout_fraction:.0%})", source)
+        return self.complete_fit(calibration, recorder)
+
+    # -- the steps of a fit that a distributed fit (imaging_ad.detectors.ray_fit) shares -----------
+    # A cross-fitted fit elsewhere (learning split over machines) runs: begin_cross_fitted_fit on the
+    # driver; learning, however it is split; cross_fitted_evidence of the chosen images, wherever they are
+    # scored; cross_fitted_calibration on the driver with all of it in one list; complete_fit. fit() runs
+    # the same steps, so both set thresholds, per-position statistics and the domain guard one way.
+
+    def begin_cross_fitted_fit(self, n_images: int) -> list[int]:
+        """Start a cross-fitted fit on ``n_images`` training images: refuse too few, set up the backbone and
+        preprocessing (seeded), and return the positions (in the training list) of the images whose
+        cross-fitted scores will set the thresholds: all, or an even random sample of
+        ``max_calibration_images``."""
+        if self.cross_fitting is None:
+            raise ValueError(f"{type(self).__name__} does not cross-fit its calibration")
+        if n_images < 3:
+            raise ValueError(f"{n_images} normal image(s): cross-fitted calibration needs at least 3")
+        chosen = self._calibration_choice(n_images)
+        self._setup()
+        return chosen
+
+    def cross_fitted_calibration(
+        self, evidence: list[Evidence], sizes: list[tuple[int, int]], names: list[str], source: str
+    ) -> Calibration:
+        """Thresholds (and what the detector learns from held-out normals) from the training images'
+        cross-fitted evidence: :meth:`cross_fitted_evidence`'s outputs batch by batch, with each image's
+        original size and name in the same order; ``source`` says which images they were."""
+        return self._thresholds(evidence, sizes, f"cross-fitted ({self.cross_fitting})", source, names)
+
+    def complete_fit(self, calibration: Calibration, recorder: FitRecorder) -> Detector:
+        """Finish a fit: the out-of-domain guard from the training images ``recorder`` saw (their pooled
+        vectors and facts, in training order), the calibration with it, the fit-only state dropped and the
+        calibration's warnings raised. Returns the detector."""
         self.calibration_ = self._with_domain_guard(
             calibration, recorder.reference(self.max_guard_images, self.seed), recorder.facts
         )
         self.release_fit_state()
-        self._warn_about_calibration()
+        # warn -> _warn_about_calibration -> complete_fit -> fit (or fit_on_ray) -> the caller's line
+        self._warn_about_calibration(stacklevel=4)
         return self
 
     def recalibrate(self, normal_images: Sequence[ImageInput], source: str | None = None) -> Calibration:
@@ -334,9 +365,9 @@ class Detector(ABC):
             threshold = leave_one_out_threshold(reference)
         return replace(calibration, domain_threshold=threshold, training_facts=training)
 
-    def _warn_about_calibration(self) -> None:
+    def _warn_about_calibration(self, stacklevel: int = 3) -> None:
         for warning in self.calibration_.warnings:  # the Python API says what the CLI and the demo say
-            warnings.warn(f"{self.name}: {warning}", CalibrationWarning, stacklevel=3)
+            warnings.warn(f"{self.name}: {warning}", CalibrationWarning, stacklevel=stacklevel)
 
     def learn(self, images: list[ImageInput], recorder: FitRecorder | None = None) -> None:
         """Learn from the training images: one streamed pass of feature batches through ``begin_fit`` /
@@ -434,7 +465,7 @@ class Detector(ABC):
             sizes += [entry.size for entry in batch]
             order += positions
         names = [item_path(images[i]) or f"training image {i}" for i in order]
-        return self._thresholds(evidence, sizes, f"cross-fitted ({self.cross_fitting})", source, names)
+        return self.cross_fitted_calibration(evidence, sizes, names, source)
 
     def _thresholds(
         self,

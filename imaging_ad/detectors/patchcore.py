@@ -300,32 +300,58 @@ class PatchCore(Detector):
 
     def begin_fit(self, n_images: int) -> None:
         self._n_images, self._seen = n_images, 0
-        self.region_cells_ = None
         self._coreset: StreamingCoreset | None = None
 
     def partial_fit(self, features: list[torch.Tensor]) -> None:
-        embedding = self._embed(features)
-        b, d, h, w = embedding.shape
-        if self.region is not None and self.region_cells_ is None:
-            self.region_cells_ = region_cells(read_region(self.region), (h, w)).to(self.device_)
+        rows, self._grid = self.patch_rows(features)
+        patches = self._grid[0] * self._grid[1]
+        b = rows.shape[0] // patches
         if self._coreset is None:
-            total = self._n_images * h * w
-            bank_size = max(1, min(round(self.coreset_ratio * total), self.max_memory_bank))
-            self._coreset = StreamingCoreset(
-                bank_size, total, self.chunk_images * h * w, self.projection_dim, self.seed
-            )
+            total = self._n_images * patches
+            self._coreset = self.coreset(self.memory_bank_rows(total), total, patches)
         # each row remembers its image, so cross-fitting can score an image without its own rows
-        sources = torch.arange(self._seen, self._seen + b).repeat_interleave(h * w)
-        self._coreset.add(embedding.permute(0, 2, 3, 1).reshape(-1, d).float(), sources)
+        self._coreset.add(rows, torch.arange(self._seen, self._seen + b).repeat_interleave(patches))
         self._seen += b
 
     def end_fit(self) -> None:
-        bank, self._bank_sources = self._coreset.result(), self._coreset.sources()
-        self.use_memory_bank(bank)
-        del self._coreset, self._n_images, self._seen
+        self.adopt_fitted_bank(self._coreset.result(), self._coreset.sources(), self._grid)
+        del self._coreset, self._n_images, self._seen, self._grid
 
     def release_fit_state(self) -> None:
         self.__dict__.pop("_bank_sources", None)
+
+    # The pieces of the fit that a fit split over machines (imaging_ad.detectors.ray_fit) reuses: each
+    # worker reduces its images' patch_rows with a coreset to a share of the bank, the driver selects
+    # memory_bank_rows of the union with the same coreset and adopts them with their images' positions.
+
+    def patch_rows(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
+        """A batch's patch embeddings as memory-bank candidates, (B * h * w, D) float32 image by image,
+        and the grid (h, w)."""
+        embedding = self._embed(features)
+        _, d, h, w = embedding.shape
+        return embedding.permute(0, 2, 3, 1).reshape(-1, d).float(), (h, w)
+
+    def memory_bank_rows(self, n_patches: int) -> int:
+        """The memory bank's size for a fit on ``n_patches`` training patches (``coreset_ratio`` of them,
+        at most ``max_memory_bank``)."""
+        return max(1, min(round(self.coreset_ratio * n_patches), self.max_memory_bank))
+
+    def coreset(self, rows: int, n_patches: int, patches_per_image: int) -> StreamingCoreset:
+        """The fit's streaming greedy coreset, keeping ``rows`` of ``n_patches`` candidates, selecting
+        ``chunk_images`` images' worth of rows at a time."""
+        return StreamingCoreset(
+            rows, n_patches, self.chunk_images * patches_per_image, self.projection_dim, self.seed
+        )
+
+    def adopt_fitted_bank(self, bank: torch.Tensor, sources: torch.Tensor, grid: tuple[int, int]) -> None:
+        """End a fit with ``bank``: ``sources`` (N,) is each row's image (its position in the training list,
+        which cross-fitted calibration excludes), ``grid`` the feature grid (h, w) the region mask is read
+        onto."""
+        self.region_cells_ = None
+        if self.region is not None:
+            self.region_cells_ = region_cells(read_region(self.region), grid).to(self.device_)
+        self._bank_sources = sources.to(torch.int64)
+        self.use_memory_bank(bank)
 
     def _embed(self, features: list[torch.Tensor]) -> torch.Tensor:
         return patch_embeddings(features, self.neighbourhood)

@@ -1,17 +1,26 @@
-"""Fitting on a Ray cluster: detectors whose fit is a sum over images (PaDiM, DFM), split over workers.
+"""Fitting on a Ray cluster: PaDiM and DFM (a sum over images) and PatchCore (a two-level coreset).
 
 A PaDiM or DFM fit is one pass that adds up per-image quantities (:attr:`Detector.fit_statistics`:
 counts, sums, sums of outer products, DFM's pooled vectors) and an ``end_fit`` that turns the totals
-into Gaussians. So the driver sets the detector up and begins the fit, each Ray task extracts the
-features of one contiguous shard of the images and accumulates that shard's statistics (and the
-out-of-domain guard's vectors and image facts), and the driver adds the shards' statistics, in shard
-order, and ends the fit: the result equals a one-machine fit up to float64 rounding of the sums.
+into Gaussians. So each Ray task extracts the features of one contiguous shard of the images and
+accumulates that shard's statistics, and the driver adds the shards' statistics, in shard order, and ends
+the fit: the result equals a one-machine fit up to float64 rounding of the sums.
 
-Calibration is the one-machine fit's cross-fitted calibration, with its backbone pass split the same
-way: the fitted detector goes to the workers, each scores its share of the calibration images without
-them (``cross_fitted_evidence``), and the driver sets the thresholds from all of it in image order
-(``_thresholds``), then the domain guard (``_with_domain_guard``). It mirrors the cross-fitted branch of
-:meth:`Detector.fit`; PatchCore's two-level coreset is not done here (see the README).
+PatchCore's memory bank is no sum, so it is chosen in two levels with the one-machine fit's own greedy
+coreset (:meth:`PatchCore.coreset`): each task reduces its shard's patches to its share of the bank times
+``coreset_oversampling`` (more candidates than it keeps, so that the final choice is still made over the
+whole set), each row keeping its image's position in the training list; the driver selects the final bank
+(the size a one-machine fit keeps) from the union, in shard order. The bank then differs from a
+one-machine fit's (other chunks meet in the selection), so the acceptance is by its accuracy:
+benchmarks/bench_ray_fit.py.
+
+Every task also records its images' out-of-domain guard vectors and facts. Calibration is the
+one-machine fit's cross-fitted calibration (the :class:`Detector` steps ``begin_cross_fitted_fit``,
+``cross_fitted_calibration``, ``complete_fit`` that :meth:`Detector.fit` runs too), with its backbone pass
+split the same way: the fitted detector goes to the workers, each scores its share of the calibration
+images without them (``cross_fitted_evidence``: for PatchCore, without the bank rows their own patches
+put there, which the rows' image positions tell), and the driver sets the thresholds (and PatchCore's
+per-position statistics) from all of it in image order, then the domain guard.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import torch
 
 from imaging_ad.detectors.base import Detector
 from imaging_ad.detectors.components.domain_guard import FitRecorder, guard_positions
+from imaging_ad.detectors.patchcore import PatchCore
 from imaging_ad.io.items import ImageInput, item_path
 
 
@@ -32,17 +42,23 @@ def fit_on_ray(
     *,
     workers: int | None = None,
     address: str | None = None,
+    coreset_oversampling: float = 2.0,
 ) -> Detector:
-    """Fit ``detector`` (PaDiM or DFM) on ``normal_images`` with ``workers`` Ray tasks (default: one per
-    CPU of the cluster; ``address`` as for ``ray.init``, default: the connected or a new local Ray).
-    Images are file paths every node can read. Returns the detector, fitted and calibrated."""
+    """Fit ``detector`` (PaDiM, DFM or PatchCore) on ``normal_images`` with ``workers`` Ray tasks (default:
+    one per CPU of the cluster; ``address`` as for ``ray.init``, default: the connected or a new local Ray).
+    Images are file paths every node can read. ``coreset_oversampling`` (PatchCore, >= 1): how many times
+    its share of the final bank each task keeps for the driver's selection (1: the tasks' banks are joined
+    as they are). Returns the detector, fitted and calibrated."""
     import ray
 
-    if not detector.fit_statistics or detector.cross_fitting is None:
+    two_level = isinstance(detector, PatchCore)
+    if not (detector.fit_statistics or two_level) or detector.cross_fitting is None:
         raise ValueError(
-            f"{detector.name} cannot be fitted on a cluster: only detectors whose fit is a sum over images "
-            "with cross-fitted calibration can (PaDiM, DFM)"
+            f"{detector.name} cannot be fitted on a cluster: only PatchCore and detectors whose fit is a sum "
+            "over images with cross-fitted calibration can (PaDiM, DFM)"
         )
+    if not coreset_oversampling >= 1:
+        raise ValueError(f"coreset_oversampling must be at least 1, got {coreset_oversampling}")
     detector.validate_params()
     images = list(normal_images)
     if len(images) < 3:
@@ -55,22 +71,13 @@ def fit_on_ray(
         started = True
     try:
         n = max(1, min(workers or int(ray.cluster_resources().get("CPU", 1)), len(images)))
-        positions = guard_positions(detector.feature_strides)
-        chosen = detector._calibration_choice(len(images))
-        detector._setup()
-        detector.begin_fit(len(images))
-        # 1. statistics: each task a contiguous shard; a task whose worker dies is run again by Ray
-        learn = ray.remote(num_cpus=1, max_retries=3)(_learn_shard)
-        state = ray.put(detector)
-        parts = ray.get([learn.remote(state, images[a:b]) for a, b in _shards(len(images), n)])
-        for name in detector.fit_statistics:
-            setattr(detector, name, _added([part[0][name] for part in parts]))
-        detector.end_fit()
-        detector.refresh_head()
-        recorder = FitRecorder(positions)
-        recorder.vectors = [vector for part in parts for vector in part[1]]
-        recorder.facts = [fact for part in parts for fact in part[2]]
-        del parts
+        chosen = detector.begin_cross_fitted_fit(len(images))
+        shards = _shards(len(images), n)
+        # 1. learning: each task a contiguous shard; a task whose worker dies is run again by Ray
+        if two_level:
+            recorder = _two_level_coreset(ray, detector, images, shards, coreset_oversampling)
+        else:
+            recorder = _summed_statistics(ray, detector, images, shards)
         # 2. cross-fitted calibration: the fitted detector scores each shard of the chosen images
         evidence_of = ray.remote(num_cpus=1, max_retries=3)(_cross_fitted_shard)
         state = ray.put(detector)
@@ -79,22 +86,58 @@ def fit_on_ray(
         evidence = [item for result in results for item in result[0]]
         sizes = [size for result in results for size in result[1]]
         names = [item_path(images[i]) or f"training image {i}" for i in chosen]
-        calibration = detector._thresholds(
-            evidence,
-            sizes,
-            f"cross-fitted ({detector.cross_fitting})",
-            f"{len(images)} training normals (fitted on {n} Ray workers)",
-            names,
-        )
-        detector.calibration_ = detector._with_domain_guard(
-            calibration, recorder.reference(detector.max_guard_images, detector.seed), recorder.facts
-        )
-        detector.release_fit_state()
-        detector._warn_about_calibration()
-        return detector
+        source = f"{len(images)} training normals (fitted on {n} Ray workers)"
+        calibration = detector.cross_fitted_calibration(evidence, sizes, names, source)
+        return detector.complete_fit(calibration, recorder)
     finally:
         if started:
             ray.shutdown()
+
+
+def _summed_statistics(
+    ray: Any, detector: Detector, images: list[ImageInput], shards: list[tuple[int, int]]
+) -> FitRecorder:
+    """PaDiM's or DFM's fit: the shards' statistics added up on the driver; returns the guard's record."""
+    detector.begin_fit(len(images))
+    learn = ray.remote(num_cpus=1, max_retries=3)(_learn_shard)
+    state = ray.put(detector)
+    parts = ray.get([learn.remote(state, images[a:b]) for a, b in shards])
+    for name in detector.fit_statistics:
+        setattr(detector, name, _added([part[0][name] for part in parts]))
+    detector.end_fit()
+    detector.refresh_head()
+    return _joined_record(detector, [(part[1], part[2]) for part in parts])
+
+
+def _two_level_coreset(
+    ray: Any,
+    detector: PatchCore,
+    images: list[ImageInput],
+    shards: list[tuple[int, int]],
+    oversampling: float,
+) -> FitRecorder:
+    """PatchCore's fit: each shard's coreset, then the driver's coreset of their union (same code, same
+    final size as one machine's), rows keeping their images' positions; returns the guard's record."""
+    reduce = ray.remote(num_cpus=1, max_retries=3)(_coreset_shard)
+    state = ray.put(detector)
+    parts = ray.get([reduce.remote(state, images[a:b], a, len(images), oversampling) for a, b in shards])
+    grid = parts[0][2]
+    patches = grid[0] * grid[1]
+    rows = torch.cat([part[0] for part in parts])
+    sources = torch.cat([part[1] for part in parts])
+    coreset = detector.coreset(detector.memory_bank_rows(len(images) * patches), len(rows), patches)
+    coreset.add(rows, sources)
+    del rows
+    detector.adopt_fitted_bank(coreset.result(), coreset.sources(), grid)
+    return _joined_record(detector, [(part[3], part[4]) for part in parts])
+
+
+def _joined_record(detector: Detector, parts: list[tuple[list, list]]) -> FitRecorder:
+    """The shards' guard vectors and image facts, in shard order, as one fit's recorder holds them."""
+    recorder = FitRecorder(guard_positions(detector.feature_strides))
+    recorder.vectors = [vector for vectors, _ in parts for vector in vectors]
+    recorder.facts = [fact for _, facts in parts for fact in facts]
+    return recorder
 
 
 def _shards(n: int, k: int) -> list[tuple[int, int]]:
@@ -127,6 +170,30 @@ def _learn_shard(detector: Detector, images: list[ImageInput]) -> tuple[dict[str
         recorder.vectors,
         recorder.facts,
     )
+
+
+def _coreset_shard(
+    detector: PatchCore, images: list[ImageInput], first: int, n_images: int, oversampling: float
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int], list, list]:
+    """One shard's coreset (a Ray task, on its own copy): ``oversampling`` times the shard's share of the
+    bank a one-machine fit on all ``n_images`` keeps (at most every patch), each row's image position
+    (the shard starts at ``first``), the feature grid, and the guard vectors and image facts."""
+    torch.set_num_threads(1)
+    recorder = FitRecorder(guard_positions(detector.feature_strides))
+    coreset, seen, grid = None, first, (0, 0)
+    for features, _batch in detector.extracted_batches(
+        images, f"{detector.name}: coreset shard", recorder=recorder
+    ):
+        rows, grid = detector.patch_rows(features)
+        patches = grid[0] * grid[1]
+        if coreset is None:
+            shard_patches = len(images) * patches
+            share = oversampling * detector.memory_bank_rows(n_images * patches) * len(images) / n_images
+            coreset = detector.coreset(max(1, min(round(share), shard_patches)), shard_patches, patches)
+        count = rows.shape[0] // patches
+        coreset.add(rows, torch.arange(seen, seen + count).repeat_interleave(patches))
+        seen += count
+    return coreset.result(), coreset.sources(), grid, recorder.vectors, recorder.facts
 
 
 def _cross_fitted_shard(
