@@ -68,6 +68,9 @@ class FeatureAutoencoder(TrainedDetector):
         the image score is the mean of the map's highest ``top_fraction`` of positions.
     """
 
+    recommended = False
+    not_recommended_because = "REASON_feature_autoencoder"
+
     # magnetic_tile: strides 8+16 keep small defects visible on a 32x32 grid (at 256 px)
     feature_strides = (8, 16)
 

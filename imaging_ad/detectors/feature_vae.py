@@ -47,6 +47,9 @@ class FeatureVAE(FeatureAutoencoder):
         weight of the KL term in the image score.
     """
 
+    recommended = False
+    not_recommended_because = "REASON_feature_vae"
+
     def __init__(self, *, beta: float = 0.01, kl_weight: float = 1.0, **kwargs) -> None:
         super().__init__(**kwargs)
         self.beta = beta

@@ -97,6 +97,9 @@ class Ganomaly(ImageSpaceDetector):
         share of pixels the reconstruction score averages.
     """
 
+    recommended = False
+    not_recommended_because = "REASON_ganomaly"
+
     def __init__(
         self,
         *,

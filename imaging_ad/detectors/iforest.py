@@ -91,6 +91,9 @@ class IForest(PooledAndPatchModels):
         summarise each stage by its spatial standard deviation as well as its mean.
     """
 
+    recommended = False
+    not_recommended_because = "REASON_iforest"
+
     model_description = "the isolation forest"
     param_constraints = {"n_trees": Interval(1, 10_000)}
 

@@ -103,6 +103,9 @@ class ImageAutoencoder(ImageSpaceDetector):
         the image score is the mean of the map's highest ``top_fraction`` of pixels.
     """
 
+    recommended = False
+    not_recommended_because = "image AUROC 0.55 (tiles)"
+
     def __init__(
         self,
         *,

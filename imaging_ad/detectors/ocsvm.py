@@ -56,6 +56,9 @@ class OCSVM(PooledAndPatchModels):
         summarise each stage by its spatial standard deviation as well as its mean.
     """
 
+    recommended = False
+    not_recommended_because = "REASON_ocsvm"
+
     model_description = "the one-class SVM"
     param_constraints = {"nu": Interval(0, 1, "right")}
 
