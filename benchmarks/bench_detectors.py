@@ -225,9 +225,9 @@ def main() -> int:
             rows.append(row)
             print(
                 f"{dataset:>14} {detector:>10}  AUROC {fmt(row['image_auroc'])}  pixel {fmt(row['pixel_auroc'])}  "
-                f"AUPRO {fmt(row['aupro'])}  fit {row['fit_s']:.0f}s (extract {fmt(row['extract_s'], 0)}s)  "
-                f"predict {fmt(row['predict_ips'], 1)}/s  backbone {fmt(row['backbone_ips'], 1)}/s  "
-                f"read+backbone {fmt(row['read_backbone_ips'], 1)}/s  RSS {row['peak_rss_mb']:.0f} MB  "
+                f"AUPRO {fmt(row['aupro'])}  fit {row['fit_s']:.0f}s (extract {fmt(row['extract_s'], 0)} s)  "
+                f"predict {fmt(row['predict_ips'], 1)} img/s  backbone {fmt(row['backbone_ips'], 1)} img/s  "
+                f"read+backbone {fmt(row['read_backbone_ips'], 1)} img/s  RSS {row['peak_rss_mb']:.0f} MB  "
                 f"fit/extraction of each fit {row['fit_ratios']}",
                 flush=True,
             )
