@@ -9,6 +9,10 @@ is what we optimise. Fit time is compared with feature extraction timed right be
 Prints a Markdown table and appends it to benchmarks/RESULTS.md.
 
     python benchmarks/bench_detectors.py [--datasets magnetic_tile chest_xray] [--detectors patchcore padim dfm]
+        [--param feature_ae:max_train_minutes=4] [--accuracy-only]
+
+``--accuracy-only`` skips the extraction and throughput passes (fit time is still measured): on a busy
+shared machine they cost more than the fit of a small dataset and say nothing about accuracy.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ SHARED = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 
 
-def run_pair(dataset_dir: str, detector_name: str, params: dict) -> dict:
+def run_pair(dataset_dir: str, detector_name: str, params: dict, accuracy_only: bool = False) -> dict:
     """Runs inside the child process."""
     import torch
 
@@ -48,15 +52,20 @@ def run_pair(dataset_dir: str, detector_name: str, params: dict) -> dict:
     timings = []
     for _ in range(max(1, int(os.environ.get("BENCH_FIT_REPEATS", "1")))):
         detector._setup()
-        extract_before = extraction_time(detector, dataset.train)
+        extract_before = None if accuracy_only else extraction_time(detector, dataset.train)
         start = time.perf_counter()
         detector.fit(dataset.train)
         fit_seconds = time.perf_counter() - start
-        timings.append((fit_seconds, (extract_before + extraction_time(detector, dataset.train)) / 2))
-    timings.sort(key=lambda pair: pair[0] / pair[1])
+        if accuracy_only:
+            timings.append((fit_seconds, None))
+        else:
+            timings.append((fit_seconds, (extract_before + extraction_time(detector, dataset.train)) / 2))
+    timings.sort(key=lambda pair: pair[0] / pair[1] if pair[1] else pair[0])
     fit_seconds, extract_seconds = timings[len(timings) // 2]
     evaluation = evaluate(detector, dataset)
-    predict_ips, backbone_ips, read_backbone_ips = paired_throughput(detector, dataset.test)
+    predict_ips, backbone_ips, read_backbone_ips = (
+        (None, None, None) if accuracy_only else paired_throughput(detector, dataset.test)
+    )
     report = evaluation.report
     history = getattr(detector, "history_", None)
     training = (
@@ -77,7 +86,7 @@ def run_pair(dataset_dir: str, detector_name: str, params: dict) -> dict:
         "f1_max": report["f1_max"],
         "fit_s": fit_seconds,
         "extract_s": extract_seconds,
-        "fit_ratios": [round(f / e, 3) for f, e in timings],
+        "fit_ratios": [round(f / e, 3) for f, e in timings if e],
         "predict_ips": predict_ips,
         "backbone_ips": backbone_ips,
         "read_backbone_ips": read_backbone_ips,
@@ -150,6 +159,11 @@ def fmt(value, digits=3):
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def ratio(numerator, denominator) -> str:
+    """``numerator / denominator`` to 2 places, or "-" when either was not measured (--accuracy-only)."""
+    return "-" if numerator is None or denominator is None else f"{numerator / denominator:.2f}"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -159,12 +173,18 @@ def main() -> int:
     parser.add_argument("--param", action="append", default=[], metavar="DETECTOR:KEY=VALUE")
     parser.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
     parser.add_argument(
+        "--accuracy-only",
+        action="store_true",
+        help="skip the feature-extraction and throughput passes (accuracy and fit time only)",
+    )
+    parser.add_argument(
         "--fit-repeats", type=int, default=1, help="fit N times, report the median fit/extraction pair"
     )
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(run_pair(args.child[0], args.child[1], json.loads(args.child[2]))))
+        result = run_pair(args.child[0], args.child[1], json.loads(args.child[2]), args.accuracy_only)
+        print("RESULT " + json.dumps(result))
         return 0
 
     datasets = (
@@ -173,14 +193,15 @@ def main() -> int:
     if not datasets:
         print(f"no datasets under {SHARED}", file=sys.stderr)
         return 1
+    from imaging_ad.cli import parse_param
+
     params: dict[str, dict] = {}
     for item in args.param:
-        detector, assignment = item.split(":", 1)
-        key, value = assignment.split("=", 1)
-        try:
-            params.setdefault(detector, {})[key] = json.loads(value)
-        except json.JSONDecodeError:
-            params.setdefault(detector, {})[key] = value
+        detector, sep, assignment = item.partition(":")
+        if not sep:
+            parser.error(f"--param expects DETECTOR:KEY=VALUE, got {item!r}")
+        key, value = parse_param(assignment)
+        params.setdefault(detector, {})[key] = value
 
     rows = []
     for dataset in datasets:
@@ -192,6 +213,7 @@ def main() -> int:
                 str(SHARED / dataset),
                 detector,
                 json.dumps(params.get(detector, {})),
+                *(["--accuracy-only"] if args.accuracy_only else []),
             ]
             env = {**os.environ, "BENCH_FIT_REPEATS": str(args.fit_repeats)}
             proc = subprocess.run(child, capture_output=True, text=True, env=env)
@@ -203,8 +225,9 @@ def main() -> int:
             rows.append(row)
             print(
                 f"{dataset:>14} {detector:>10}  AUROC {fmt(row['image_auroc'])}  pixel {fmt(row['pixel_auroc'])}  "
-                f"AUPRO {fmt(row['aupro'])}  fit {row['fit_s']:.0f}s (extract {row['extract_s']:.0f}s)  predict {row['predict_ips']:.1f}/s  "
-                f"backbone {row['backbone_ips']:.1f}/s  read+backbone {row['read_backbone_ips']:.1f}/s  RSS {row['peak_rss_mb']:.0f} MB  "
+                f"AUPRO {fmt(row['aupro'])}  fit {row['fit_s']:.0f}s (extract {fmt(row['extract_s'], 0)} s)  "
+                f"predict {fmt(row['predict_ips'], 1)} img/s  backbone {fmt(row['backbone_ips'], 1)} img/s  "
+                f"read+backbone {fmt(row['read_backbone_ips'], 1)} img/s  RSS {row['peak_rss_mb']:.0f} MB  "
                 f"fit/extraction of each fit {row['fit_ratios']}",
                 flush=True,
             )
@@ -219,10 +242,10 @@ def main() -> int:
         lines.append(
             f"| {r['dataset']} | {r['detector']}{' ' + json.dumps(r['params']) if r['params'] else ''} | "
             f"{r['n_train']}/{r['n_test']} | {fmt(r['image_auroc'])} | {fmt(r['pixel_auroc'])} | {fmt(r['aupro'])} | "
-            f"{fmt(r['f1_max'])} | {r['fit_s']:.1f} | {r['extract_s']:.1f} | {r['fit_s'] / r['extract_s']:.2f} | "
-            f"{r['predict_ips']:.2f} | {r['backbone_ips']:.2f} | "
-            f"{r['predict_ips'] / r['backbone_ips']:.2f} | {r['read_backbone_ips']:.2f} | "
-            f"{r['read_backbone_ips'] / r['backbone_ips']:.2f} | {r['peak_rss_mb']:.0f} | {r['training']} |"
+            f"{fmt(r['f1_max'])} | {r['fit_s']:.1f} | {fmt(r['extract_s'], 1)} | {ratio(r['fit_s'], r['extract_s'])} | "
+            f"{fmt(r['predict_ips'], 2)} | {fmt(r['backbone_ips'], 2)} | "
+            f"{ratio(r['predict_ips'], r['backbone_ips'])} | {fmt(r['read_backbone_ips'], 2)} | "
+            f"{ratio(r['read_backbone_ips'], r['backbone_ips'])} | {r['peak_rss_mb']:.0f} | {r['training']} |"
         )
     table = "\n".join(lines)
     print("\n" + table)

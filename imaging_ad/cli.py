@@ -17,8 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from imaging_ad.io import ImageReadError
@@ -37,20 +39,64 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+class _Parser(argparse.ArgumentParser):
+    """A parser whose epilog can be made when its help is shown: ``fit``'s lists the registered detectors,
+    and importing the registry loads torch, which every other command line should not wait for."""
+
+    def __init__(self, *args, epilog_factory: Callable[[], str] | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.epilog_factory = epilog_factory
+
+    def format_help(self) -> str:
+        if self.epilog_factory is not None:
+            self.epilog = self.epilog_factory()
+        return super().format_help()
+
+
+def _detector_guide() -> str:
+    """``fit --help``'s epilog: the detectors to use, then those kept for comparison, each with the reason
+    measured against it (``Detector.recommended``)."""
+    from imaging_ad.detectors import DETECTORS, list_detectors
+
+    lines = ["recommended detectors:", "  " + ", ".join(list_detectors(recommended=True))]
+    comparison = list_detectors(recommended=False)
+    if comparison:
+        lines += ["", "for comparison only (not recommended):"]
+        lines += [
+            textwrap.fill(
+                f"{name}: {DETECTORS[name].not_recommended_because}",
+                width=100,
+                initial_indent="  ",
+                subsequent_indent="    ",
+            )
+            for name in comparison
+        ]
+    return "\n".join(lines)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="imaging-ad", description="Anomaly detection for medical and industrial images."
     )
-    sub = parser.add_subparsers(dest="command")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
     p = sub.add_parser("dataset", help="describe what dataset discovery finds in DATA")
     _add_data_arguments(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(run=_dataset)
 
-    p = sub.add_parser("fit", help="fit a detector on the normal training images of DATA")
+    p = sub.add_parser(
+        "fit",
+        help="fit a detector on the normal training images of DATA",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog_factory=_detector_guide,
+    )
     _add_data_arguments(p)
-    p.add_argument("--detector", default="patchcore", help="registered detector name (default: patchcore)")
+    p.add_argument(
+        "--detector",
+        default="patchcore",
+        help="registered detector name (default: patchcore; the recommended ones are listed below)",
+    )
     p.add_argument("--backbone", default=None, help="timm model name (default: tf_efficientnet_lite0)")
     p.add_argument(
         "--backbone-weights", default=None, help="local .safetensors/.pth weights for the backbone"

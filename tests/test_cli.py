@@ -15,6 +15,28 @@ def texture_data(tmp_path_factory):
     return make_texture_dataset(tmp_path_factory.mktemp("tiles"), n_train=24, n_good=6, n_bad=6)
 
 
+def test_fit_help_recommends_patchcore_and_lists_image_ae_for_comparison_with_its_reason(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    recommended, _, comparison = help_text.partition("for comparison only")
+    recommended = recommended.split("recommended detectors:", 1)[1]
+    assert "patchcore" in recommended and "image_ae" not in recommended
+    image_ae_line = next(line for line in comparison.splitlines() if line.strip().startswith("image_ae:"))
+    assert "AUROC" in image_ae_line  # the measured reason, not just the name
+    assert "patchcore" not in comparison.split("image_ae:", 1)[0]
+
+
+def test_list_detectors_filters_on_recommended():
+    from imaging_ad.detectors import DETECTORS, list_detectors
+
+    assert list_detectors() == sorted(DETECTORS)
+    assert "patchcore" in list_detectors(recommended=True)
+    assert {"image_ae", "feature_ae", "feature_vae", "ganomaly"} <= set(list_detectors(recommended=False))
+    assert sorted(list_detectors(recommended=True) + list_detectors(recommended=False)) == list_detectors()
+
+
 @pytest.fixture(scope="module")
 def model(texture_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("model") / "tiles.safetensors"

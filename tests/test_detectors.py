@@ -129,6 +129,22 @@ def test_unknown_detector_lists_registered():
         create_detector("nope")
 
 
+def test_every_detector_kept_for_comparison_says_why():
+    from imaging_ad.detectors import register_detector
+    from imaging_ad.detectors.patchcore import PatchCore
+
+    for name, cls in DETECTORS.items():
+        assert cls.recommended or "AUROC" in cls.not_recommended_because, name  # a measured reason
+    assert DETECTORS["patchcore"].recommended and not DETECTORS["image_ae"].recommended
+
+    class Unexplained(PatchCore):
+        recommended = False
+
+    with pytest.raises(ValueError, match="not_recommended_because"):
+        register_detector("unexplained_for_test")(Unexplained)
+    assert "unexplained_for_test" not in DETECTORS
+
+
 def _rewrite_description(data: bytes, edit) -> bytes:
     """Rewrite the JSON description inside a safetensors header, keeping the tensors."""
     (length,) = struct.unpack("<Q", data[:8])

@@ -100,6 +100,10 @@ class Detector(ABC):
     guards_features: ClassVar[bool] = True
     #: whether the head is a fixed tensor graph that ONNX and TorchScript can hold
     exportable: ClassVar[bool] = True
+    #: whether ``imaging-ad fit --help`` recommends this detector; a detector kept for comparison only sets
+    #: False and says why, with the figure measured (``benchmarks/RESULTS.md``), in ``not_recommended_because``
+    recommended: ClassVar[bool] = True
+    not_recommended_because: ClassVar[str] = ""
     #: ranges and choices of hyperparameters; types come from the constructors' annotations
     param_constraints: ClassVar[dict[str, Interval | OneOf]] = {
         "image_size": Interval(32, 4096),

@@ -68,6 +68,13 @@ class FeatureAutoencoder(TrainedDetector):
         the image score is the mean of the map's highest ``top_fraction`` of positions.
     """
 
+    # measured: benchmarks/RESULTS.md, "Issue 19 item 3" (2026-12-02)
+    recommended = False
+    not_recommended_because = (
+        "mean image AUROC 0.75 over the six benchmark datasets "
+        "against PatchCore's 0.86, and 0.67 on head_ct (PatchCore 0.90)"
+    )
+
     # magnetic_tile: strides 8+16 keep small defects visible on a 32x32 grid (at 256 px)
     feature_strides = (8, 16)
 

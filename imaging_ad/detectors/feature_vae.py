@@ -47,6 +47,13 @@ class FeatureVAE(FeatureAutoencoder):
         weight of the KL term in the image score.
     """
 
+    # measured: benchmarks/RESULTS.md, "Issue 19 item 3" (2026-12-02)
+    recommended = False
+    not_recommended_because = (
+        "mean image AUROC 0.74 over the six benchmark datasets "
+        "against PatchCore's 0.86, and 0.64 on head_ct (PatchCore 0.90)"
+    )
+
     def __init__(self, *, beta: float = 0.01, kl_weight: float = 1.0, **kwargs) -> None:
         super().__init__(**kwargs)
         self.beta = beta

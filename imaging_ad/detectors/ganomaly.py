@@ -97,6 +97,13 @@ class Ganomaly(ImageSpaceDetector):
         share of pixels the reconstruction score averages.
     """
 
+    # measured: benchmarks/RESULTS.md, "Issue 19 item 3" (2026-12-02)
+    recommended = False
+    not_recommended_because = (
+        "mean image AUROC 0.64 over the six benchmark datasets against "
+        "PatchCore's 0.86; 0.61 on chest_xray, 0.44 on busi (PatchCore 0.87, 0.93)"
+    )
+
     def __init__(
         self,
         *,

@@ -103,6 +103,13 @@ class ImageAutoencoder(ImageSpaceDetector):
         the image score is the mean of the map's highest ``top_fraction`` of pixels.
     """
 
+    # measured: benchmarks/RESULTS.md, "Issue 19 item 3" (2026-12-02)
+    recommended = False
+    not_recommended_because = (
+        "mean image AUROC 0.54 over the six benchmark datasets against "
+        "PatchCore's 0.86; below chance on busi (0.43) and head_ct (0.26)"
+    )
+
     def __init__(
         self,
         *,

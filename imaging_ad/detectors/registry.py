@@ -26,6 +26,9 @@ def register_detector(name: str) -> Callable[[T], T]:
     def decorate(cls: T) -> T:
         if name in DETECTORS:
             raise ValueError(f"a detector named {name!r} is already registered ({DETECTORS[name].__name__})")
+        # a detector taken off the recommended list must say why, or the CLI's guide would list it bare
+        if not cls.recommended and not cls.not_recommended_because.strip():
+            raise ValueError(f"{cls.__name__} sets recommended = False without a not_recommended_because")
         cls.name = name
         DETECTORS[name] = cls
         return cls
@@ -60,8 +63,10 @@ def create_detector(name: str, **params) -> Detector:
     return cls(**params)
 
 
-def list_detectors() -> list[str]:
-    return sorted(DETECTORS)
+def list_detectors(recommended: bool | None = None) -> list[str]:
+    """Registered detector names, sorted; ``recommended=True`` / ``False``: only those that ``fit --help``
+    recommends / lists for comparison only (``Detector.recommended``)."""
+    return sorted(n for n, cls in DETECTORS.items() if recommended is None or cls.recommended == recommended)
 
 
 def load_detector(
