@@ -27,7 +27,6 @@ from imaging_ad.detectors.patchcore import patch_embeddings
 from imaging_ad.detectors.registry import register_detector
 from imaging_ad.detectors.trained import TrainedDetector, stage_channels
 
-
 #: pseudo-count of the map-wide variance in each position's variance (see ``_learn_from_validation``)
 _SHRINKAGE = 10
 
@@ -73,6 +72,11 @@ class SimpleNet(TrainedDetector):
     """
 
     feature_strides = (8, 16)
+    recommended = False
+    not_recommended_because = (
+        "mean image AUROC 0.75 over the six benchmark datasets against PatchCore's 0.86, "
+        "and 0.74 on magnetic_tile (PatchCore 0.97)"
+    )
     param_constraints = {
         "noise_std": Interval(0, None, "neither"),
         "margin": Interval(0, None, "neither"),
