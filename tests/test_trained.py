@@ -121,13 +121,14 @@ def test_ganomaly_default_score_is_the_latent_distance():
         create_detector("ganomaly", score="pixels")
 
 
-def test_ensemble_trains_feature_autoencoder_members_and_refuses_pixel_models():
+@pytest.mark.parametrize("member", ["feature_ae", "reverse_distillation", "simplenet"])
+def test_ensemble_trains_feature_model_members_and_refuses_pixel_models(member):
     rng = np.random.default_rng(4)
     normals = [texture(rng) for _ in range(24)]
     clean = [texture(rng) for _ in range(4)]
     defects = [paste_defect(texture(rng), rng)[0] for _ in range(4)]
     ensemble = create_detector(
-        "ensemble", members=["patchcore", "feature_ae"], image_size=128, holdout_fraction=0.2, progress=False
+        "ensemble", members=["patchcore", member], image_size=128, holdout_fraction=0.2, progress=False
     ).fit(normals)
     assert ensemble.members_[1].history_ is not None  # the autoencoder member really trained
     scores = [r.score for r in ensemble.predict(clean + defects)]
