@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from imaging_ad.detectors.components.features import patch_grid
-from imaging_ad.detectors.layers import conv_block, resize_to, top_mean, up_block
+from imaging_ad.detectors.layers import channel_statistics, conv_block, resize_to, top_mean, up_block
 from imaging_ad.detectors.registry import register_detector
-from imaging_ad.detectors.trained import TrainedDetector
+from imaging_ad.detectors.trained import TrainedDetector, stage_channels
 
 
 class FeatureEncoder(nn.Module):
@@ -89,9 +89,7 @@ class FeatureAutoencoder(TrainedDetector):
         self.feature_std_: torch.Tensor | None = None
 
     def _channels(self) -> int:
-        # by stride: inside an ensemble the shared extractor also yields other members' stages
-        info = self.extractor_.info
-        return sum(info.channels[info.reductions.index(stride)] for stride in self.feature_strides)
+        return sum(stage_channels(self))
 
     def _build_network(self) -> nn.Module:
         return FeatureAutoencoderNetwork(self._channels(), self.hidden_channels, self.latent_channels)
@@ -100,18 +98,8 @@ class FeatureAutoencoder(TrainedDetector):
         return patch_grid(features)
 
     def _prepare(self, train_inputs: torch.Tensor) -> None:
-        # per-channel statistics in chunks: the float16 cache may be large
-        total = torch.zeros(train_inputs.shape[1], dtype=torch.float64)
-        squares = torch.zeros_like(total)
-        for chunk in train_inputs.split(64):
-            x = chunk.double()
-            total += x.sum(dim=(0, 2, 3))
-            squares += (x * x).sum(dim=(0, 2, 3))
-        count = train_inputs.shape[0] * train_inputs.shape[2] * train_inputs.shape[3]
-        mean = total / count
-        std = (squares / count - mean * mean).clamp_min(0).sqrt()
-        self.feature_mean_ = mean.float().view(1, -1, 1, 1).to(self.device_)
-        self.feature_std_ = std.float().clamp_min(1e-3).view(1, -1, 1, 1).to(self.device_)
+        mean, std = channel_statistics(train_inputs)
+        self.feature_mean_, self.feature_std_ = mean.to(self.device_), std.to(self.device_)
 
     def _standardise(self, grid: torch.Tensor) -> torch.Tensor:
         return (grid - self.feature_mean_) / self.feature_std_
