@@ -103,6 +103,9 @@ class ReverseDistillation(TrainedDetector):
         channels of the decoder's finest stage (coarser stages get more); sets the network's cost.
     top_fraction
         the image score is the mean of the map's highest ``top_fraction`` of positions.
+    epochs, learning_rate, patience, train_batch_size
+        as :class:`~imaging_ad.detectors.trained.TrainedDetector`'s, with this network's defaults: small
+        batches (8), since on a CPU more, smaller steps learn more from the same time budget.
     """
 
     feature_strides = (4, 8, 16)
