@@ -320,6 +320,7 @@ def _dataset(args: argparse.Namespace) -> int:
 def _fit(args: argparse.Namespace) -> int:
     from imaging_ad.data import discover_dataset
     from imaging_ad.detectors import create_detector, resolve_detector_name
+    from imaging_ad.detectors.ray_fit import fits_on_ray
 
     # Everything that can be checked without reading an image is checked first.
     if Path(args.out).suffix != ".safetensors":
@@ -342,9 +343,7 @@ def _fit(args: argparse.Namespace) -> int:
         params["clahe"] = True
     params["device"] = args.device
     detector = create_detector(detector_name, **params)  # checks every hyperparameter, reads nothing
-    if args.engine == "ray" and (
-        args.validation or not (detector.fit_statistics or detector.name == "patchcore")
-    ):
+    if args.engine == "ray" and (args.validation or not fits_on_ray(detector)):
         raise ValueError(
             "--engine ray fits PaDiM and DFM (sums of statistics) and PatchCore (a two-level coreset) with "
             "cross-fitted thresholds; "

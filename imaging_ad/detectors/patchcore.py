@@ -298,8 +298,20 @@ class PatchCore(Detector):
         if self.region is not None:
             read_region(self.region)  # a missing or unreadable mask is refused before any image is read
 
-    def begin_fit(self, n_images: int) -> None:
-        self._n_images, self._seen = n_images, 0
+    def begin_fit(
+        self,
+        n_images: int,
+        *,
+        first_image: int = 0,
+        total_images: int | None = None,
+        oversampling: float = 1.0,
+    ) -> None:
+        """Start the coreset over ``n_images`` images. A shard of a fit split over machines
+        (:mod:`imaging_ad.detectors.ray_fit`) says where it starts in the whole training list
+        (``first_image``), how long that list is (``total_images``) and how many times its share of the
+        whole fit's bank it keeps (``oversampling``)."""
+        self._n_images, self._seen = n_images, first_image
+        self._total_images, self._oversampling = total_images or n_images, oversampling
         self._coreset: StreamingCoreset | None = None
 
     def partial_fit(self, features: list[torch.Tensor]) -> None:
@@ -307,15 +319,21 @@ class PatchCore(Detector):
         patches = self._grid[0] * self._grid[1]
         b = rows.shape[0] // patches
         if self._coreset is None:
-            total = self._n_images * patches
-            self._coreset = self.coreset(self.memory_bank_rows(total), total, patches)
+            share = self._oversampling * self._n_images / self._total_images
+            keep = share * self.memory_bank_rows(self._total_images * patches)
+            candidates = self._n_images * patches
+            self._coreset = self.coreset(max(1, min(round(keep), candidates)), candidates, patches)
         # each row remembers its image, so cross-fitting can score an image without its own rows
         self._coreset.add(rows, torch.arange(self._seen, self._seen + b).repeat_interleave(patches))
         self._seen += b
 
+    def selected_rows(self) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """After the last ``partial_fit``: the coreset's rows, each row's image position and the grid."""
+        return self._coreset.result(), self._coreset.sources(), self._grid
+
     def end_fit(self) -> None:
-        self.adopt_fitted_bank(self._coreset.result(), self._coreset.sources(), self._grid)
-        del self._coreset, self._n_images, self._seen, self._grid
+        self.adopt_fitted_bank(*self.selected_rows())
+        del self._coreset, self._n_images, self._seen, self._grid, self._total_images, self._oversampling
 
     def release_fit_state(self) -> None:
         self.__dict__.pop("_bank_sources", None)

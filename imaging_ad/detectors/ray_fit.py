@@ -36,6 +36,13 @@ from imaging_ad.detectors.patchcore import PatchCore
 from imaging_ad.io.items import ImageInput, item_path
 
 
+def fits_on_ray(detector: Detector) -> bool:
+    """Whether :func:`fit_on_ray` can fit ``detector``: PatchCore (two-level coreset) or a detector whose fit
+    is a sum over images, either with cross-fitted calibration."""
+    summed_or_coreset = bool(detector.fit_statistics) or isinstance(detector, PatchCore)
+    return summed_or_coreset and detector.cross_fitting is not None
+
+
 def fit_on_ray(
     detector: Detector,
     normal_images: Sequence[ImageInput],
@@ -51,12 +58,12 @@ def fit_on_ray(
     as they are). Returns the detector, fitted and calibrated."""
     import ray
 
-    two_level = isinstance(detector, PatchCore)
-    if not (detector.fit_statistics or two_level) or detector.cross_fitting is None:
+    if not fits_on_ray(detector):
         raise ValueError(
             f"{detector.name} cannot be fitted on a cluster: only PatchCore and detectors whose fit is a sum "
             "over images with cross-fitted calibration can (PaDiM, DFM)"
         )
+    two_level = isinstance(detector, PatchCore)
     if not coreset_oversampling >= 1:
         raise ValueError(f"coreset_oversampling must be at least 1, got {coreset_oversampling}")
     detector.validate_params()
@@ -180,20 +187,12 @@ def _coreset_shard(
     (the shard starts at ``first``), the feature grid, and the guard vectors and image facts."""
     torch.set_num_threads(1)
     recorder = FitRecorder(guard_positions(detector.feature_strides))
-    coreset, seen, grid = None, first, (0, 0)
+    detector.begin_fit(len(images), first_image=first, total_images=n_images, oversampling=oversampling)
     for features, _batch in detector.extracted_batches(
         images, f"{detector.name}: coreset shard", recorder=recorder
     ):
-        rows, grid = detector.patch_rows(features)
-        patches = grid[0] * grid[1]
-        if coreset is None:
-            shard_patches = len(images) * patches
-            share = oversampling * detector.memory_bank_rows(n_images * patches) * len(images) / n_images
-            coreset = detector.coreset(max(1, min(round(share), shard_patches)), shard_patches, patches)
-        count = rows.shape[0] // patches
-        coreset.add(rows, torch.arange(seen, seen + count).repeat_interleave(patches))
-        seen += count
-    return coreset.result(), coreset.sources(), grid, recorder.vectors, recorder.facts
+        detector.partial_fit(features)
+    return (*detector.selected_rows(), recorder.vectors, recorder.facts)
 
 
 def _cross_fitted_shard(
