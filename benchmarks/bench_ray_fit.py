@@ -73,7 +73,12 @@ def main() -> int:
     parser.add_argument("--datasets", nargs="+", default=["magnetic_tile", "chest_xray"])
     parser.add_argument("--detectors", nargs="+", default=["padim", "dfm"])
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--coreset-oversampling", type=float, default=2.0, help="PatchCore on Ray")
+    parser.add_argument(
+        "--coreset-oversampling",
+        type=float,
+        default=None,
+        help="PatchCore's coreset_oversampling, for both fits (default: the detector's)",
+    )
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
@@ -91,16 +96,14 @@ def main() -> int:
         dataset = discover_dataset(SHARED / name)
         train, test = dataset.train, dataset.test
         for detector_name in args.detectors:
+            params = {"progress": False}
+            if detector_name == "patchcore" and args.coreset_oversampling is not None:
+                params["coreset_oversampling"] = args.coreset_oversampling
             start = time.perf_counter()
-            local = create_detector(detector_name, progress=False).fit(train)
+            local = create_detector(detector_name, **params).fit(train)
             local_s = time.perf_counter() - start
             start = time.perf_counter()
-            remote = fit_on_ray(
-                create_detector(detector_name, progress=False),
-                train,
-                workers=args.workers,
-                coreset_oversampling=args.coreset_oversampling,
-            )
+            remote = fit_on_ray(create_detector(detector_name, **params), train, workers=args.workers)
             ray_s = time.perf_counter() - start
             row = {
                 "dataset": name,
@@ -134,11 +137,16 @@ def main() -> int:
             for r in rows
         )
     )
+    oversampling = args.coreset_oversampling
+    if oversampling is None:
+        from imaging_ad.detectors.patchcore import PatchCore
+
+        oversampling = PatchCore().coreset_oversampling
     note = (
         f"Ray: {args.workers} workers of 1 CPU on this machine (one local Ray for the run); local: one "
         "process, torch's default threads. Statistics: the largest absolute difference of any learned tensor "
         "over that tensor's largest value; PatchCore: its banks compared instead (two-level coreset, "
-        f"coreset_oversampling {args.coreset_oversampling:g})."
+        f"coreset_oversampling {oversampling:g}, the same for the one-machine fit)."
     )
     print("\n" + table + "\n\n" + note)
     if not args.no_record:

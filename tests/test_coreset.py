@@ -70,3 +70,27 @@ def test_select_more_centres_continues_k_centre_from_the_centres() -> None:
     assert chosen == [4, 2, 3]  # farthest from the centres first, then farthest from centres + chosen
     assert 0 not in chosen  # a row the centres hold exactly adds nothing
     assert select_more_centres(centres, candidates[:1], 5).tolist() == []
+
+
+def test_patchcore_two_level_coreset_on_one_machine() -> None:
+    """With ``coreset_oversampling`` (default 2) the first level keeps twice the bank and the second selects the bank
+    (the one-machine fit's size) from those candidates: real training patches, and defects still rank
+    above normals."""
+    from imaging_ad.detectors import create_detector
+    from tests.synthetic import paste_defect, texture
+
+    rng = np.random.default_rng(5)
+    train = [texture(rng) for _ in range(16)]
+    test = [texture(rng) for _ in range(4)] + [paste_defect(texture(rng), rng)[0] for _ in range(4)]
+    params = {"image_size": 96, "batch_size": 8, "progress": False, "device": "cpu", "search": "flat"}
+    params["coreset_ratio"] = 0.2
+    one_level = create_detector("patchcore", **params, coreset_oversampling=1).fit(train)
+    two_level = create_detector("patchcore", **params, coreset_oversampling=2).fit(train)
+    assert two_level.memory_bank_.shape == one_level.memory_bank_.shape
+    assert not torch.equal(two_level.memory_bank_, one_level.memory_bank_)
+    rows = torch.cat([two_level.patch_rows(f)[0] for f, _ in two_level.extracted_batches(train, "rows")])
+    exact = "donot_use_mm_for_euclid_dist"  # the matrix-product form rounds too coarsely to test identity
+    nearest = torch.cdist(two_level.memory_bank_, rows, compute_mode=exact).min(dim=1).values
+    assert float(nearest.max()) < 1e-4  # every bank row is a training patch
+    scores = np.array([r.score for r in two_level.predict(test)])
+    assert scores[4:].min() > scores[:4].max()

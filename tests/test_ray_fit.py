@@ -75,7 +75,7 @@ def test_detectors_that_cannot_be_split_are_refused(images):
     with pytest.raises(ValueError, match="cannot be fitted on a cluster"):
         fit_on_ray(create_detector("iforest", **PARAMS), images[0])
     with pytest.raises(ValueError, match="coreset_oversampling"):
-        fit_on_ray(create_detector("patchcore", **PARAMS), images[0], coreset_oversampling=0.5)
+        fit_on_ray(create_detector("patchcore", **PARAMS, coreset_oversampling=0.5), images[0])
 
 
 @pytest.mark.slow  # about 35 s on 2 busy cores, with the local Ray
@@ -94,10 +94,10 @@ def test_patchcore_two_level_coreset_on_ray(images):
         kept["sources"] = self._bank_sources.clone()
         original(self)
 
-    params = {**PARAMS, "search": "flat", "coreset_ratio": 0.25}
+    params = {**PARAMS, "search": "flat", "coreset_ratio": 0.25, "coreset_oversampling": 2}
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(PatchCore, "release_fit_state", keep_sources)
-        remote = fit_on_ray(create_detector("patchcore", **params), train, workers=2, coreset_oversampling=2)
+        remote = fit_on_ray(create_detector("patchcore", **params), train, workers=2)
     bank, sources = remote.memory_bank_, kept["sources"]
     features = [f for f, _ in remote.extracted_batches(train, "features")]
     rows = torch.cat([remote.patch_rows(f)[0] for f in features])

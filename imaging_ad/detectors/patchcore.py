@@ -204,6 +204,12 @@ class PatchCore(Detector):
         bank rows around the nearest one that the image score's re-weighting compares (PatchCore's b).
     chunk_images
         images per coreset-selection chunk (selection streams chunk by chunk).
+    coreset_oversampling
+        two-level selection: each chunk keeps this many times its share of the bank, and a second
+        streaming pass selects the bank from those candidates, whose chunks span many more images (a
+        more global choice; 1: one level). 2 measured best on the mean over every shared dataset
+        (benchmarks/RESULTS.md). A fit on a Ray cluster runs the same two levels, its workers doing the
+        first, so it keeps the bank a one-machine fit would.
     search, hnsw_links, hnsw_ef_search
         nearest-neighbour search: ``"auto"`` (graph search above 4096 bank rows on the CPU), ``"flat"``
         (exact), ``"hnsw"``; the HNSW graph's links per node and search beam.
@@ -238,6 +244,7 @@ class PatchCore(Detector):
         "neighbourhood": Interval(1, 15),
         "reweight_neighbours": Interval(0, 1000),
         "chunk_images": Interval(1, None),
+        "coreset_oversampling": Interval(1, 64),
         "search": OneOf(("auto", "flat", "hnsw")),
         "hnsw_links": Interval(2, 256),
         "hnsw_ef_search": Interval(1, 4096),
@@ -256,6 +263,7 @@ class PatchCore(Detector):
         # selection costs chunk rows x chunk share, so 8-image chunks halve 16-image ones' time
         # (same accuracy on magnetic_tile to +-0.001, benchmarks/RESULTS.md)
         chunk_images: int = 8,
+        coreset_oversampling: float = 2.0,
         search: str = "auto",
         hnsw_links: int = 16,
         hnsw_ef_search: int = 8,
@@ -272,6 +280,7 @@ class PatchCore(Detector):
         self.neighbourhood = neighbourhood
         self.reweight_neighbours = reweight_neighbours
         self.chunk_images = chunk_images
+        self.coreset_oversampling = coreset_oversampling
         self.search = search
         self.hnsw_links = hnsw_links
         self.hnsw_ef_search = hnsw_ef_search
@@ -288,8 +297,8 @@ class PatchCore(Detector):
 
     @classmethod
     def params_of_older_files(cls, params: dict) -> dict:
-        # files from before these options scored the whole grid and showed distances
-        return {"border": 0, "heatmap": "distance", **params}
+        # files from before these options scored the whole grid, showed distances, selected in one level
+        return {"border": 0, "heatmap": "distance", "coreset_oversampling": 1.0, **params}
 
     # -- fit ------------------------------------------------------------------------------------
 
@@ -298,20 +307,12 @@ class PatchCore(Detector):
         if self.region is not None:
             read_region(self.region)  # a missing or unreadable mask is refused before any image is read
 
-    def begin_fit(
-        self,
-        n_images: int,
-        *,
-        first_image: int = 0,
-        total_images: int | None = None,
-        oversampling: float = 1.0,
-    ) -> None:
+    def begin_fit(self, n_images: int, *, first_image: int = 0, total_images: int | None = None) -> None:
         """Start the coreset over ``n_images`` images. A shard of a fit split over machines
         (:mod:`imaging_ad.detectors.ray_fit`) says where it starts in the whole training list
-        (``first_image``), how long that list is (``total_images``) and how many times its share of the
-        whole fit's bank it keeps (``oversampling``)."""
+        (``first_image``) and how long that list is (``total_images``)."""
         self._n_images, self._seen = n_images, first_image
-        self._total_images, self._oversampling = total_images or n_images, oversampling
+        self._total_images = total_images or n_images
         self._coreset: StreamingCoreset | None = None
 
     def partial_fit(self, features: list[torch.Tensor]) -> None:
@@ -319,7 +320,7 @@ class PatchCore(Detector):
         patches = self._grid[0] * self._grid[1]
         b = rows.shape[0] // patches
         if self._coreset is None:
-            share = self._oversampling * self._n_images / self._total_images
+            share = self.coreset_oversampling * self._n_images / self._total_images
             keep = share * self.memory_bank_rows(self._total_images * patches)
             candidates = self._n_images * patches
             self._coreset = self.coreset(max(1, min(round(keep), candidates)), candidates, patches)
@@ -328,19 +329,34 @@ class PatchCore(Detector):
         self._seen += b
 
     def selected_rows(self) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
-        """After the last ``partial_fit``: the coreset's rows, each row's image position and the grid."""
+        """After the last ``partial_fit``: the first level's rows, each row's image position and the grid."""
         return self._coreset.result(), self._coreset.sources(), self._grid
 
     def end_fit(self) -> None:
-        self.adopt_fitted_bank(*self.selected_rows())
-        del self._coreset, self._n_images, self._seen, self._grid, self._total_images, self._oversampling
+        rows, sources, grid = self.selected_rows()
+        if self.coreset_oversampling > 1:
+            self.select_memory_bank(rows, sources, self._total_images, grid)
+        else:  # the first level kept the bank itself
+            self.adopt_fitted_bank(rows, sources, grid)
+        del self._coreset, self._n_images, self._seen, self._grid, self._total_images
+
+    def select_memory_bank(
+        self, candidates: torch.Tensor, sources: torch.Tensor, n_images: int, grid: tuple[int, int]
+    ) -> None:
+        """The coreset's second level: the bank of a fit on ``n_images`` images chosen from the first
+        level's ``candidates`` (rows with their images' positions, ``sources``), by the same streaming
+        greedy coreset, and adopted."""
+        patches = grid[0] * grid[1]
+        coreset = self.coreset(self.memory_bank_rows(n_images * patches), len(candidates), patches)
+        coreset.add(candidates, sources)
+        self.adopt_fitted_bank(coreset.result(), coreset.sources(), grid)
 
     def release_fit_state(self) -> None:
         self.__dict__.pop("_bank_sources", None)
 
     # The pieces of the fit that a fit split over machines (imaging_ad.detectors.ray_fit) reuses: each
-    # worker reduces its images' patch_rows with a coreset to a share of the bank, the driver selects
-    # memory_bank_rows of the union with the same coreset and adopts them with their images' positions.
+    # worker runs the first level over its images (begin_fit / partial_fit / selected_rows), the driver
+    # the second over the union (select_memory_bank).
 
     def patch_rows(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
         """A batch's patch embeddings as memory-bank candidates, (B * h * w, D) float32 image by image,

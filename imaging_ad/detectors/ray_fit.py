@@ -6,13 +6,13 @@ into Gaussians. So each Ray task extracts the features of one contiguous shard o
 accumulates that shard's statistics, and the driver adds the shards' statistics, in shard order, and ends
 the fit: the result equals a one-machine fit up to float64 rounding of the sums.
 
-PatchCore's memory bank is no sum, so it is chosen in two levels with the one-machine fit's own greedy
-coreset (:meth:`PatchCore.coreset`): each task reduces its shard's patches to its share of the bank times
-``coreset_oversampling`` (more candidates than it keeps, so that the final choice is still made over the
-whole set), each row keeping its image's position in the training list; the driver selects the final bank
-(the size a one-machine fit keeps) from the union, in shard order. The bank then differs from a
-one-machine fit's (other chunks meet in the selection), so the acceptance is by its accuracy:
-benchmarks/bench_ray_fit.py.
+PatchCore's memory bank is no sum, so it is chosen by the one-machine fit's own two-level greedy coreset
+(PatchCore's ``coreset_oversampling``): each task runs the first level over its shard's patches, keeping
+its share of the bank times ``coreset_oversampling``, each row with its image's position in the training
+list; the driver runs the second level over the union, in shard order
+(:meth:`PatchCore.select_memory_bank`), to the size a one-machine fit keeps. The bank differs from a
+one-machine fit's only where chunks of the first level meet a shard boundary, so the acceptance is by its
+accuracy: benchmarks/bench_ray_fit.py.
 
 Every task also records its images' out-of-domain guard vectors and facts. Calibration is the
 one-machine fit's cross-fitted calibration (the :class:`Detector` steps ``begin_cross_fitted_fit``,
@@ -49,13 +49,10 @@ def fit_on_ray(
     *,
     workers: int | None = None,
     address: str | None = None,
-    coreset_oversampling: float = 2.0,
 ) -> Detector:
     """Fit ``detector`` (PaDiM, DFM or PatchCore) on ``normal_images`` with ``workers`` Ray tasks (default:
     one per CPU of the cluster; ``address`` as for ``ray.init``, default: the connected or a new local Ray).
-    Images are file paths every node can read. ``coreset_oversampling`` (PatchCore, >= 1): how many times
-    its share of the final bank each task keeps for the driver's selection (1: the tasks' banks are joined
-    as they are). Returns the detector, fitted and calibrated."""
+    Images are file paths every node can read. Returns the detector, fitted and calibrated."""
     import ray
 
     if not fits_on_ray(detector):
@@ -64,8 +61,6 @@ def fit_on_ray(
             "over images with cross-fitted calibration can (PaDiM, DFM)"
         )
     two_level = isinstance(detector, PatchCore)
-    if not coreset_oversampling >= 1:
-        raise ValueError(f"coreset_oversampling must be at least 1, got {coreset_oversampling}")
     detector.validate_params()
     images = list(normal_images)
     if len(images) < 3:
@@ -82,7 +77,7 @@ def fit_on_ray(
         shards = _shards(len(images), n)
         # 1. learning: each task a contiguous shard; a task whose worker dies is run again by Ray
         if two_level:
-            recorder = _two_level_coreset(ray, detector, images, shards, coreset_oversampling)
+            recorder = _two_level_coreset(ray, detector, images, shards)
         else:
             recorder = _summed_statistics(ray, detector, images, shards)
         # 2. cross-fitted calibration: the fitted detector scores each shard of the chosen images
@@ -117,25 +112,16 @@ def _summed_statistics(
 
 
 def _two_level_coreset(
-    ray: Any,
-    detector: PatchCore,
-    images: list[ImageInput],
-    shards: list[tuple[int, int]],
-    oversampling: float,
+    ray: Any, detector: PatchCore, images: list[ImageInput], shards: list[tuple[int, int]]
 ) -> FitRecorder:
-    """PatchCore's fit: each shard's coreset, then the driver's coreset of their union (same code, same
-    final size as one machine's), rows keeping their images' positions; returns the guard's record."""
+    """PatchCore's fit: the coreset's first level on each shard, its second on the driver over their union
+    (rows keeping their images' positions); returns the guard's record."""
     reduce = ray.remote(num_cpus=1, max_retries=3)(_coreset_shard)
     state = ray.put(detector)
-    parts = ray.get([reduce.remote(state, images[a:b], a, len(images), oversampling) for a, b in shards])
-    grid = parts[0][2]
-    patches = grid[0] * grid[1]
-    rows = torch.cat([part[0] for part in parts])
+    parts = ray.get([reduce.remote(state, images[a:b], a, len(images)) for a, b in shards])
+    candidates = torch.cat([part[0] for part in parts])
     sources = torch.cat([part[1] for part in parts])
-    coreset = detector.coreset(detector.memory_bank_rows(len(images) * patches), len(rows), patches)
-    coreset.add(rows, sources)
-    del rows
-    detector.adopt_fitted_bank(coreset.result(), coreset.sources(), grid)
+    detector.select_memory_bank(candidates, sources, len(images), parts[0][2])
     return _joined_record(detector, [(part[3], part[4]) for part in parts])
 
 
@@ -180,14 +166,15 @@ def _learn_shard(detector: Detector, images: list[ImageInput]) -> tuple[dict[str
 
 
 def _coreset_shard(
-    detector: PatchCore, images: list[ImageInput], first: int, n_images: int, oversampling: float
+    detector: PatchCore, images: list[ImageInput], first: int, n_images: int
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int], list, list]:
-    """One shard's coreset (a Ray task, on its own copy): ``oversampling`` times the shard's share of the
-    bank a one-machine fit on all ``n_images`` keeps (at most every patch), each row's image position
-    (the shard starts at ``first``), the feature grid, and the guard vectors and image facts."""
+    """One shard's first coreset level (a Ray task, on its own copy): ``coreset_oversampling`` times the
+    shard's share of the bank a one-machine fit on all ``n_images`` keeps (at most every patch), each
+    row's image position (the shard starts at ``first``), the feature grid, and the guard vectors and
+    image facts."""
     torch.set_num_threads(1)
     recorder = FitRecorder(guard_positions(detector.feature_strides))
-    detector.begin_fit(len(images), first_image=first, total_images=n_images, oversampling=oversampling)
+    detector.begin_fit(len(images), first_image=first, total_images=n_images)
     for features, _batch in detector.extracted_batches(
         images, f"{detector.name}: coreset shard", recorder=recorder
     ):
