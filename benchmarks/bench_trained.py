@@ -1,4 +1,4 @@
-"""Trained detectors side by side with PatchCore on every shared dataset (issue 19).
+r"""Trained detectors side by side with PatchCore on every shared dataset (issue 19).
 
 For each dataset in ../shared/data and each detector, one child process fits on ``train/good`` (timed)
 and evaluates on ``test``: image AUROC, and pixel AUROC and AUPRO where masks exist. Prints one table
@@ -7,9 +7,15 @@ detector's difference from PatchCore's mean, and fit times; appends it to benchm
 Results go to a JSON-lines file as they come, and a re-run with the same file skips what is there,
 so a long run can be resumed.
 
+A default is chosen by the mean over every dataset: ``--variant NAME=DETECTOR:KEY=VALUE[,KEY=VALUE]``
+adds a column for a detector with other settings (``NAME`` then goes in ``--detectors`` like a
+detector's name), and ``--raw-maps`` adds, for each detector that standardises its map per position
+(``position_statistics``), a ``NAME/raw`` column scored from the same fit without that step.
+
     python benchmarks/bench_trained.py --out /tmp/trained.jsonl \
         [--detectors patchcore reverse_distillation simplenet] [--datasets magnetic_tile ...] \
-        [--param simplenet:noise_std=0.5] [--label NAME] [--record]
+        [--param simplenet:noise_std=0.5] [--variant pc_os2=patchcore:coreset_oversampling=2] \
+        [--raw-maps] [--label NAME] [--record]
 """
 
 from __future__ import annotations
@@ -32,8 +38,9 @@ from bench_trust import DATASETS  # noqa: E402
 DETECTORS = ("patchcore", "reverse_distillation", "simplenet")
 
 
-def measure_pair(dataset: str, detector_name: str, params: dict) -> dict:
-    """Runs inside the child process: fit, evaluate, report."""
+def measure_pair(dataset: str, label: str, detector_name: str, params: dict, raw_maps: bool) -> list[dict]:
+    """Runs inside the child process: fit, evaluate, report (and with ``raw_maps``, evaluate again
+    without the per-position standardisation, when the detector has it)."""
     warnings.simplefilter("ignore")
     from imaging_ad.data import discover_dataset
     from imaging_ad.detectors import create_detector
@@ -44,21 +51,30 @@ def measure_pair(dataset: str, detector_name: str, params: dict) -> dict:
     start = time.perf_counter()
     detector.fit(data.train)
     fit_seconds = time.perf_counter() - start
-    report = evaluate(detector, data).report
     history = getattr(detector, "history_", None)
-    return {
+    common = {
         "dataset": dataset,
-        "detector": detector_name,
         "params": params,
         "n_train": len(data.train),
         "fit_s": round(fit_seconds, 1),
-        "image_auroc": report["image_auroc"],
-        "pixel_auroc": report.get("pixel_auroc"),
-        "aupro": report.get("aupro"),
         "training": None
         if history is None
         else f"{len(history.train_loss)} epochs, best {history.best_epoch + 1}, {history.stopped}",
     }
+    rows = [{**common, "detector": label, **_metrics(evaluate(detector, data).report)}]
+    if (
+        raw_maps
+        and getattr(detector, "position_mean_", None) is not None
+        and hasattr(detector, "_input_maps")
+    ):
+        detector.position_mean_ = detector.position_std_ = None
+        detector.refresh_head()
+        rows.append({**common, "detector": f"{label}/raw", **_metrics(evaluate(detector, data).report)})
+    return rows
+
+
+def _metrics(report: dict) -> dict:
+    return {key: report.get(key) for key in ("image_auroc", "pixel_auroc", "aupro")}
 
 
 def run(args: argparse.Namespace) -> None:
@@ -69,29 +85,48 @@ def run(args: argparse.Namespace) -> None:
         name, _, setting = text.partition(":")
         key, value = parse_param(setting)
         params[name][key] = value
+    variants = {name: (name, params[name]) for name in args.detectors}
+    for text in args.variant:
+        label, _, spec = text.partition("=")
+        name, _, settings = spec.partition(":")
+        variants[label] = (name, {**params[name], **dict(parse_param(p) for p in settings.split(",") if p)})
     out = Path(args.out)
     done = {(r["dataset"], r["detector"]) for r in _rows(out)}
     for dataset in args.datasets:
-        for name in args.detectors:
-            if (dataset, name) in done:
+        for label in args.detectors:
+            if (dataset, label) in done:
                 continue
+            name, settings = variants[label]
             child = subprocess.run(
-                [sys.executable, __file__, "child", dataset, name, json.dumps(params[name])],
+                [
+                    sys.executable,
+                    __file__,
+                    "child",
+                    dataset,
+                    label,
+                    name,
+                    json.dumps(settings),
+                    str(args.raw_maps),
+                ],
                 capture_output=True,
                 text=True,
                 cwd=ROOT,
             )
             if child.returncode != 0:
-                print(f"{dataset} / {name} failed:\n{child.stderr[-2000:]}", file=sys.stderr)
+                print(f"{dataset} / {label} failed:\n{child.stderr[-2000:]}", file=sys.stderr)
                 continue
-            row = json.loads(child.stdout.strip().splitlines()[-1])
-            with out.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            print(
-                f"{dataset:15s} {name:22s} image {row['image_auroc']:.3f} fit {row['fit_s']:.0f} s",
-                flush=True,
-            )
-    table = _table(_rows(out), args.detectors, args.datasets)
+            for row in json.loads(child.stdout.strip().splitlines()[-1]):
+                with out.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                print(
+                    f"{dataset:15s} {row['detector']:26s} image {row['image_auroc']:.3f} fit {row['fit_s']:.0f} s",
+                    flush=True,
+                )
+    columns = list(args.detectors)
+    if args.raw_maps:
+        raw = {r["detector"] for r in _rows(out)}
+        columns += [f"{label}/raw" for label in args.detectors if f"{label}/raw" in raw]
+    table = _table(_rows(out), columns, args.datasets)
     print(table)
     if args.record:
         command = "python benchmarks/bench_trained.py " + " ".join(sys.argv[2:])
@@ -153,7 +188,8 @@ def _f(value, digits: int = 3, signed: bool = False) -> str:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "child":
-        print(json.dumps(measure_pair(sys.argv[2], sys.argv[3], json.loads(sys.argv[4]))))
+        dataset, label, name, params, raw_maps = sys.argv[2:7]
+        print(json.dumps(measure_pair(dataset, label, name, json.loads(params), raw_maps == "True")))
         return
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -162,6 +198,12 @@ def main() -> None:
     parser.add_argument("--detectors", nargs="+", default=list(DETECTORS), help="the first is the reference")
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
     parser.add_argument("--param", action="append", default=[], help="DETECTOR:KEY=VALUE, repeatable")
+    parser.add_argument(
+        "--variant", action="append", default=[], help="NAME=DETECTOR:KEY=VALUE[,KEY=VALUE], repeatable"
+    )
+    parser.add_argument(
+        "--raw-maps", action="store_true", help="also score without per-position standardisation"
+    )
     parser.add_argument("--label", default="defaults")
     parser.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
     run(parser.parse_args())

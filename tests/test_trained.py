@@ -169,3 +169,32 @@ def test_feature_trained_detectors_find_and_locate_pasted_defects(name, tmp_path
     again = loaded.predict(clean[:2] + [defects[0][0]])
     assert [r.score for r in again] == scores[:2] + scores[5:6]  # bit-identical after save and load
     assert all(np.array_equal(a.heatmap, b.heatmap) for a, b in zip(again, results[:2], strict=False))
+
+
+def _with_label(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A burnt-in label in the top-left corner: random white strokes, different in every image."""
+    out = image.copy()
+    for _ in range(6):
+        y, x = rng.integers(2, 20, size=2)
+        out[y : y + 2, x : x + int(rng.integers(3, 9))] = 255
+    return out
+
+
+def test_position_statistics_keep_a_label_in_every_image_from_outranking_defects():
+    """Every image carries a different label in the same corner, which the autoencoder reconstructs
+    badly on normals too: standardised per position (the default), the label's cells stop looking
+    anomalous, defects rank above every normal and heatmaps peak off the label. (With raw errors the
+    label's error is the score of clean images, and they mix with the defective ones.)"""
+    rng = np.random.default_rng(6)
+    normals = [_with_label(texture(rng), rng) for _ in range(30)]
+    clean = [_with_label(texture(rng), rng) for _ in range(6)]
+    defects = [paste_defect(texture(rng), rng, size=12) for _ in range(6)]
+    images = clean + [_with_label(image, rng) for image, _ in defects]
+    detector = create_detector("feature_ae", image_size=128, epochs=15, progress=False).fit(normals)
+    assert detector.position_statistics and detector.position_mean_ is not None
+    results = detector.predict(images)
+    scores = [r.score for r in results]
+    assert min(scores[6:]) > max(scores[:6]), scores
+    for result in results[6:]:
+        peak = np.unravel_index(np.argmax(result.heatmap), result.heatmap.shape)
+        assert not (peak[0] < 24 and peak[1] < 24), f"heatmap peak {peak} on the label"

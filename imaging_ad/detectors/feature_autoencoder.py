@@ -2,8 +2,9 @@
 
 A small conv autoencoder learns to reconstruct the frozen backbone's multi-stage feature maps of normal
 images (both stages on one grid, each channel standardised over the training set). What it never saw
-— a scratch, a crack, an opacity — it reconstructs badly: the per-position squared error is the
-heatmap and the mean of its highest ``top_fraction`` of positions the image score. Reconstructing
+— a scratch, a crack, an opacity — it reconstructs badly: the per-position squared error
+(``position_statistics``: standardised per position on held-out normals) is the heatmap and the mean of
+its highest ``top_fraction`` of positions the image score. Reconstructing
 features rather than pixels makes the error semantic and the network small (CPU-trainable in minutes).
 """
 
@@ -13,9 +14,9 @@ import torch
 from torch import nn
 
 from imaging_ad.detectors.components.features import patch_grid
-from imaging_ad.detectors.layers import channel_statistics, conv_block, resize_to, top_mean, up_block
+from imaging_ad.detectors.layers import channel_statistics, conv_block, resize_to, up_block
 from imaging_ad.detectors.registry import register_detector
-from imaging_ad.detectors.trained import TrainedDetector, stage_channels
+from imaging_ad.detectors.trained import MapScoredDetector, stage_channels
 
 
 class FeatureEncoder(nn.Module):
@@ -57,15 +58,13 @@ class FeatureAutoencoderNetwork(nn.Module):
 
 
 @register_detector("feature_ae")
-class FeatureAutoencoder(TrainedDetector):
+class FeatureAutoencoder(MapScoredDetector):
     """A conv autoencoder that reconstructs the backbone's standardised feature maps; error = anomaly.
 
-    Hyperparameters (besides those of :class:`~imaging_ad.detectors.trained.TrainedDetector`):
+    Hyperparameters (besides those of :class:`~imaging_ad.detectors.trained.MapScoredDetector`):
 
     hidden_channels, latent_channels
         width of the network and of its bottleneck (on a grid half the feature grid's side).
-    top_fraction
-        the image score is the mean of the map's highest ``top_fraction`` of positions.
     """
 
     # measured: benchmarks/RESULTS.md, "Issue 19 item 3" (2026-12-02)
@@ -78,13 +77,10 @@ class FeatureAutoencoder(TrainedDetector):
     # magnetic_tile: strides 8+16 keep small defects visible on a 32x32 grid (at 256 px)
     feature_strides = (8, 16)
 
-    def __init__(
-        self, *, hidden_channels: int = 128, latent_channels: int = 64, top_fraction: float = 0.01, **kwargs
-    ) -> None:
+    def __init__(self, *, hidden_channels: int = 128, latent_channels: int = 64, **kwargs) -> None:
         super().__init__(**kwargs)
         self.hidden_channels = hidden_channels
         self.latent_channels = latent_channels
-        self.top_fraction = top_fraction
         self.feature_mean_: torch.Tensor | None = None
         self.feature_std_: torch.Tensor | None = None
 
@@ -102,7 +98,7 @@ class FeatureAutoencoder(TrainedDetector):
         self.feature_mean_, self.feature_std_ = mean.to(self.device_), std.to(self.device_)
 
     def _standardise(self, grid: torch.Tensor) -> torch.Tensor:
-        return (grid - self.feature_mean_) / self.feature_std_
+        return (grid.float() - self.feature_mean_) / self.feature_std_
 
     def _error_maps(self, x: torch.Tensor) -> torch.Tensor:
         """Standardised grid -> (B, h, w) mean squared reconstruction error per position."""
@@ -111,9 +107,12 @@ class FeatureAutoencoder(TrainedDetector):
     def _loss(self, batch: torch.Tensor) -> torch.Tensor:
         return self._error_maps(self._standardise(batch)).mean()
 
-    def _score(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        maps = self._error_maps(self._standardise(patch_grid(features).float()))
-        return top_mean(maps, self.top_fraction), maps
+    def _input_maps(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self._error_maps(self._standardise(inputs))
+
+    @classmethod
+    def params_of_older_files(cls, params: dict) -> dict:
+        return {"position_statistics": False, **params}  # files from before the option scored raw errors
 
     def _extra_state(self) -> dict[str, torch.Tensor]:
         return {"feature_mean": self.feature_mean_, "feature_std": self.feature_std_}

@@ -45,6 +45,8 @@ class FeatureVAE(FeatureAutoencoder):
         weight of the KL divergence in the training loss (evidence lower bound).
     kl_weight
         weight of the KL term in the image score.
+    position_statistics
+        off by default here: the KL term it is added to is in the raw error's units (not measured on).
     """
 
     # measured: benchmarks/RESULTS.md, "Issue 19 item 3" (2026-12-02)
@@ -54,8 +56,10 @@ class FeatureVAE(FeatureAutoencoder):
         "against PatchCore's 0.86, and 0.64 on head_ct (PatchCore 0.90)"
     )
 
-    def __init__(self, *, beta: float = 0.01, kl_weight: float = 1.0, **kwargs) -> None:
-        super().__init__(**kwargs)
+    def __init__(
+        self, *, beta: float = 0.01, kl_weight: float = 1.0, position_statistics: bool = False, **kwargs
+    ) -> None:
+        super().__init__(position_statistics=position_statistics, **kwargs)
         self.beta = beta
         self.kl_weight = kl_weight
 
@@ -72,6 +76,11 @@ class FeatureVAE(FeatureAutoencoder):
         errors, kl = self._parts(self._standardise(batch), sample=self.network_.training)
         return errors.mean() + self.beta * kl.mean()
 
+    def _input_maps(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self._parts(self._standardise(inputs), sample=False)[0]
+
     def _score(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        errors, kl = self._parts(self._standardise(patch_grid(features).float()), sample=False)
+        errors, kl = self._parts(self._standardise(patch_grid(features)), sample=False)
+        if self.position_mean_ is not None:
+            errors = (errors - self.position_mean_) / self.position_std_
         return top_mean(errors, self.top_fraction) + self.kl_weight * kl, errors

@@ -7,7 +7,8 @@ trainable student decoder reconstructs the teacher's maps from it, coarse to fin
 images only, the student learns to reproduce normal content; where the teacher sees something the
 embedding cannot carry — a crack, a lesion — the student's features point elsewhere. The heatmap is
 one minus the cosine similarity of teacher and student per position, summed over the three scales on
-the finest grid; the image score is the mean of its highest ``top_fraction`` of positions.
+the finest grid, and (``position_statistics``) standardised per position on held-out normals; the image
+score is the mean of its highest ``top_fraction`` of positions.
 
 Unlike the paper (a WideResNet-50 teacher, a ResNet decoder, 200 epochs on a GPU), the teacher here
 is whatever backbone the registry serves (EfficientNet-Lite offline), and the bottleneck and decoder
@@ -26,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imaging_ad.detectors.layers import conv_block, resize_to, top_mean
+from imaging_ad.detectors.layers import conv_block, resize_to
 from imaging_ad.detectors.params import Interval
 from imaging_ad.detectors.registry import register_detector
-from imaging_ad.detectors.trained import TrainedDetector, stage_channels
+from imaging_ad.detectors.trained import MapScoredDetector, stage_channels
 
 
 class OneClassBottleneck(nn.Module):
@@ -93,16 +94,14 @@ class ReverseDistillationNetwork(nn.Module):
 
 
 @register_detector("reverse_distillation")
-class ReverseDistillation(TrainedDetector):
+class ReverseDistillation(MapScoredDetector):
     """A student decoder that reconstructs the frozen backbone's multi-scale features from a one-class
     bottleneck; 1 - cosine(teacher, student) per position, summed over scales, is the heatmap.
 
-    Hyperparameters (besides those of :class:`~imaging_ad.detectors.trained.TrainedDetector`):
+    Hyperparameters (besides those of :class:`~imaging_ad.detectors.trained.MapScoredDetector`):
 
     width
         channels of the decoder's finest stage (coarser stages get more); sets the network's cost.
-    top_fraction
-        the image score is the mean of the map's highest ``top_fraction`` of positions.
     epochs, learning_rate, patience, train_batch_size
         as :class:`~imaging_ad.detectors.trained.TrainedDetector`'s, with this network's defaults: small
         batches (8), since on a CPU more, smaller steps learn more from the same time budget.
@@ -114,16 +113,12 @@ class ReverseDistillation(TrainedDetector):
         "mean image AUROC 0.79 over the six benchmark datasets against PatchCore's 0.86 (trained for at most "
         "a few epochs on 2 CPU cores), though its mean AUPRO is higher (0.63 against 0.52)"
     )
-    param_constraints = {
-        "width": Interval(4, 512),
-        "top_fraction": Interval(0, 1, "right"),
-    }
+    param_constraints = {"width": Interval(4, 512)}
 
     def __init__(
         self,
         *,
         width: int = 32,
-        top_fraction: float = 0.01,
         epochs: int = 60,
         learning_rate: float = 2e-3,
         patience: int = 8,
@@ -139,21 +134,20 @@ class ReverseDistillation(TrainedDetector):
             **kwargs,
         )
         self.width = width
-        self.top_fraction = top_fraction
         self._grids: list[tuple[int, int]] | None = None
 
     def _build_network(self) -> nn.Module:
         return ReverseDistillationNetwork(stage_channels(self), list(self.feature_strides), self.width)
 
-    # the cache holds every scale of an image flattened into one row; _maps splits it again
+    # the cache holds every scale of an image flattened into one row; _teacher_maps splits it again
     def _training_inputs(self, features: list[torch.Tensor]) -> torch.Tensor:
         self._grids = [tuple(int(n) for n in f.shape[-2:]) for f in features]
         return torch.cat([f.flatten(1) for f in features], 1)
 
-    def _maps(self, rows: torch.Tensor) -> list[torch.Tensor]:
+    def _teacher_maps(self, rows: torch.Tensor) -> list[torch.Tensor]:
         sizes = [c * h * w for c, (h, w) in zip(stage_channels(self), self._grids, strict=True)]
         return [
-            part.reshape(len(rows), c, h, w)
+            part.reshape(-1, c, h, w)  # -1: an exported graph keeps a dynamic batch
             for part, c, (h, w) in zip(rows.split(sizes, 1), stage_channels(self), self._grids, strict=True)
         ]
 
@@ -163,10 +157,13 @@ class ReverseDistillation(TrainedDetector):
         return [1 - F.cosine_similarity(t, s, dim=1) for t, s in zip(teacher, student, strict=True)]
 
     def _loss(self, batch: torch.Tensor) -> torch.Tensor:
-        return sum(d.mean() for d in self._distances(self._maps(batch)))
+        return sum(d.mean() for d in self._distances(self._teacher_maps(batch)))
 
-    def _score(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        distances = self._distances([f.float() for f in features])
+    def _input_maps(self, inputs: torch.Tensor) -> torch.Tensor:
+        distances = self._distances([m.float() for m in self._teacher_maps(inputs)])
         grid = distances[0].shape[-2:]
-        maps = sum(resize_to(d[:, None], grid)[:, 0] for d in distances)
-        return top_mean(maps, self.top_fraction), maps
+        return sum(resize_to(d[:, None], grid)[:, 0] for d in distances)
+
+    @classmethod
+    def params_of_older_files(cls, params: dict) -> dict:
+        return {"position_statistics": False, **params}  # files from before the option scored raw maps

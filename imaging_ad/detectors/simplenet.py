@@ -21,14 +21,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from imaging_ad.detectors.layers import channel_statistics, top_mean
+from imaging_ad.detectors.layers import channel_statistics
 from imaging_ad.detectors.params import Interval
 from imaging_ad.detectors.patchcore import patch_embeddings
 from imaging_ad.detectors.registry import register_detector
-from imaging_ad.detectors.trained import TrainedDetector, stage_channels
-
-#: pseudo-count of the map-wide variance in each position's variance (see ``_learn_from_validation``)
-_SHRINKAGE = 10
+from imaging_ad.detectors.trained import MapScoredDetector, stage_channels
 
 
 class SimpleNetNetwork(nn.Module):
@@ -50,11 +47,11 @@ class SimpleNetNetwork(nn.Module):
 
 
 @register_detector("simplenet")
-class SimpleNet(TrainedDetector):
+class SimpleNet(MapScoredDetector):
     """A discriminator trained to tell adapted normal patch features from the same features plus
     Gaussian noise; minus its output per patch is the heatmap.
 
-    Hyperparameters (besides those of :class:`~imaging_ad.detectors.trained.TrainedDetector`):
+    Hyperparameters (besides those of :class:`~imaging_ad.detectors.trained.MapScoredDetector`):
 
     noise_std
         standard deviation of the noise that makes the synthetic anomalies, in units of each standardised
@@ -65,8 +62,6 @@ class SimpleNet(TrainedDetector):
         width of the discriminator's hidden layer.
     neighbourhood
         side of the local average that aggregates each patch feature (as PatchCore's).
-    top_fraction
-        the image score is the mean of the map's highest ``top_fraction`` of positions.
     train_positions
         patches drawn at random from each training image for each optimisation step.
     epochs, learning_rate, train_batch_size
@@ -86,7 +81,6 @@ class SimpleNet(TrainedDetector):
         "margin": Interval(0, None, "neither"),
         "hidden_channels": Interval(1, 4096),
         "neighbourhood": Interval(1, 15),
-        "top_fraction": Interval(0, 1, "right"),
         "train_positions": Interval(1, None),
     }
 
@@ -97,7 +91,6 @@ class SimpleNet(TrainedDetector):
         margin: float = 0.5,
         hidden_channels: int = 256,
         neighbourhood: int = 3,
-        top_fraction: float = 0.01,
         train_positions: int = 256,
         epochs: int = 40,
         learning_rate: float = 2e-4,
@@ -112,11 +105,8 @@ class SimpleNet(TrainedDetector):
         self.margin = margin
         self.hidden_channels = hidden_channels
         self.neighbourhood = neighbourhood
-        self.top_fraction = top_fraction
         self.feature_mean_: torch.Tensor | None = None
         self.feature_std_: torch.Tensor | None = None
-        self.position_mean_: torch.Tensor | None = None
-        self.position_std_: torch.Tensor | None = None
 
     def _build_network(self) -> nn.Module:
         return SimpleNetNetwork(sum(stage_channels(self)), self.hidden_channels)
@@ -163,39 +153,13 @@ class SimpleNet(TrainedDetector):
             weight_decay=self.weight_decay,
         )
 
-    def _raw_maps(self, grid: torch.Tensor) -> torch.Tensor:
+    def _input_maps(self, inputs: torch.Tensor) -> torch.Tensor:
         """Patch grid -> minus the discriminator's output per position (B, h, w): high = anomalous."""
-        return -self.network_(self._standardise(grid))
-
-    def _learn_from_validation(self, validation_inputs: torch.Tensor) -> None:
-        # PatchCore's per-position statistics, for the same reason: some positions (the frame, the
-        # padding, an edge every image has) score high on every normal image; their typical value and
-        # spread on held-out normals put every position on one scale. Few held-out normals give noisy
-        # spreads, so each position's variance is shrunk towards the map-wide one.
-        maps = torch.cat([self._raw_maps(chunk.float()) for chunk in validation_inputs.split(32)])
-        mean = maps.mean(0)
-        pooled = maps.var(0, unbiased=False).mean()
-        n = len(maps)
-        variance = (n * maps.var(0, unbiased=False) + _SHRINKAGE * pooled) / (n + _SHRINKAGE)
-        self.position_mean_ = mean
-        self.position_std_ = variance.sqrt().clamp_min(1e-6)
-
-    def _score(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        maps = self._raw_maps(patch_embeddings(features, self.neighbourhood))
-        if self.position_mean_ is not None:
-            maps = (maps - self.position_mean_) / self.position_std_
-        return top_mean(maps, self.top_fraction), maps
+        return -self.network_(self._standardise(inputs))
 
     def _extra_state(self) -> dict[str, torch.Tensor]:
-        return {
-            "feature_mean": self.feature_mean_,
-            "feature_std": self.feature_std_,
-            "position_mean": self.position_mean_,
-            "position_std": self.position_std_,
-        }
+        return {"feature_mean": self.feature_mean_, "feature_std": self.feature_std_}
 
     def _set_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
         self.feature_mean_ = tensors["feature_mean"].float()
         self.feature_std_ = tensors["feature_std"].float()
-        self.position_mean_ = tensors["position_mean"].float()
-        self.position_std_ = tensors["position_std"].float()

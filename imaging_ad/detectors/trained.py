@@ -22,6 +22,8 @@ from torch import nn
 from imaging_ad.detectors.augment import build_augmentation, check_augmentation
 from imaging_ad.detectors.base import Detector
 from imaging_ad.detectors.components.domain_guard import FitRecorder
+from imaging_ad.detectors.layers import top_mean
+from imaging_ad.detectors.params import Interval
 from imaging_ad.detectors.training import TrainingHistory, train_network
 from imaging_ad.io.items import ImageInput
 
@@ -223,6 +225,83 @@ class TrainedDetector(Detector):
         self._set_extra_state(
             {k: v.to(self.device_) for k, v in tensors.items() if not k.startswith(_NETWORK)}
         )
+
+
+#: pseudo-count of the map-wide variance in each position's variance (see MapScoredDetector)
+POSITION_SHRINKAGE = 10
+
+
+class MapScoredDetector(TrainedDetector):
+    """A trained detector whose network makes a per-position anomaly map; the image score is the mean of
+    the map's highest ``top_fraction`` of positions.
+
+    Hyperparameters (besides those of :class:`TrainedDetector`):
+
+    top_fraction
+        the image score is the mean of the map's highest ``top_fraction`` of positions.
+    position_statistics
+        standardise the map per position by its mean and spread on the held-out early-stopping normals
+        (PatchCore's per-position statistics, for the same reason: some positions — the frame, the
+        padding, an edge every image has — score high on every normal image, and a plain top-k mean
+        lands there). Few held-out normals give noisy spreads, so each position's variance is shrunk
+        towards the map-wide one (a pseudo-count of 10 images).
+
+    Subclasses say what the network reads (:meth:`_training_inputs`, cached for training) and how it makes
+    the raw map from that (:meth:`_input_maps`); scoring is the same two steps on live features.
+    """
+
+    param_constraints = {"top_fraction": Interval(0, 1, "right")}
+
+    def __init__(self, *, top_fraction: float = 0.01, position_statistics: bool = True, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.top_fraction = top_fraction
+        self.position_statistics = position_statistics
+        self.position_mean_: torch.Tensor | None = None
+        self.position_std_: torch.Tensor | None = None
+
+    @abstractmethod
+    def _input_maps(self, inputs: torch.Tensor) -> torch.Tensor:
+        """What :meth:`_training_inputs` makes of a batch (any float dtype) -> raw maps (B, h, w), high =
+        anomalous."""
+
+    def _learn_from_validation(self, validation_inputs: torch.Tensor) -> None:
+        self.position_mean_ = self.position_std_ = None
+        if not self.position_statistics:
+            return
+        maps = torch.cat(
+            [self._input_maps(chunk.to(self.device_)) for chunk in validation_inputs.split(32)]
+        ).double()
+        n = len(maps)
+        spread = maps.var(0, unbiased=False)
+        variance = (n * spread + POSITION_SHRINKAGE * spread.mean()) / (n + POSITION_SHRINKAGE)
+        self.position_mean_ = maps.mean(0).float()
+        self.position_std_ = variance.sqrt().clamp_min(1e-6).float()
+
+    def _anomaly_maps(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """Features -> the heatmap (B, h, w): the raw map, standardised per position when learned."""
+        maps = self._input_maps(self._training_inputs(features))
+        if self.position_mean_ is not None:
+            maps = (maps - self.position_mean_) / self.position_std_
+        return maps
+
+    def _score(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        maps = self._anomaly_maps(features)
+        return top_mean(maps, self.top_fraction), maps
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        state = super()._state()
+        if self.position_mean_ is not None:
+            state.update(position_mean=self.position_mean_, position_std=self.position_std_)
+        return state
+
+    def _set_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        names = ("position_mean", "position_std")
+        positions = {k: v for k, v in tensors.items() if k in names}
+        super()._set_state({k: v for k, v in tensors.items() if k not in names})
+        self.position_mean_ = self.position_std_ = None
+        if positions:
+            self.position_mean_ = positions["position_mean"].to(self.device_).float()
+            self.position_std_ = positions["position_std"].to(self.device_).float()
 
 
 def stage_channels(detector: Detector) -> list[int]:
