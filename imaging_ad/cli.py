@@ -250,8 +250,9 @@ def _add_runtime_argument(p: argparse.ArgumentParser) -> None:
         choices=("auto", "torch", "onnxruntime"),
         default="auto",
         help="what runs the model: onnxruntime (the fitted graph exported once, cached next to the model "
-        "as MODEL.ort/, several times faster on a CPU), torch, or auto (default: onnxruntime when it is "
-        "installed and the detector can be exported, else torch; says which)",
+        "as MODEL.ort/, several times faster on a CPU), torch, or auto (default: whichever of the two scored "
+        "this model faster on this CPU, timed once at first use and recorded beside the graph; torch when "
+        "onnxruntime is missing or the detector cannot be exported; says which)",
     )
 
 

@@ -1,6 +1,7 @@
 """The ONNX Runtime runtime (``--runtime``): same results as torch (scores to 1e-4 relative, the same
 verdicts, heatmaps close, at input resolution), a graph cached next to the model, reused, and rebuilt
-when the model file changes; ``auto`` says what it chose; a detector that cannot export stays on torch."""
+when the model file changes; ``auto`` times both runtimes once per model and CPU, picks the faster and says
+so; a detector that cannot export stays on torch."""
 
 from __future__ import annotations
 
@@ -52,6 +53,27 @@ _one_torch_thread = pytest.fixture(scope="module", autouse=True)(one_torch_threa
 def private_user_cache(tmp_path, monkeypatch):
     """Never write the user's real cache."""
     monkeypatch.setenv(compiled_module.CACHE_ENV, str(tmp_path / "user-cache"))
+
+
+MEASURE = compiled_module.images_per_second
+
+
+def rates_favouring(runtime: str, calls: list | None = None):
+    """A stand-in for ``images_per_second``: 100 img/s for ``runtime``'s ``score_batch``, 10 for the other
+    (tiny models on a shared CI core time too close to call)."""
+
+    def fake(score_batch, batch, repeats=2):
+        if calls is not None:
+            calls.append(score_batch)
+        is_onnxruntime = isinstance(getattr(score_batch, "__self__", None), CompiledDetector)
+        return 100.0 if is_onnxruntime == (runtime == "onnxruntime") else 10.0
+
+    return fake
+
+
+@pytest.fixture(autouse=True)
+def onnxruntime_measures_faster(monkeypatch):
+    monkeypatch.setattr(compiled_module, "images_per_second", rates_favouring("onnxruntime"))
 
 
 def test_onnxruntime_matches_torch(model_file, images):
@@ -125,6 +147,43 @@ def test_auto_says_what_it_chose(tmp_path, images):
     model = load_model(path, runtime="auto", device="cpu")
     assert model.runtime_choice.runtime == "onnxruntime"
     assert str(model.runtime_choice).startswith("runtime: onnxruntime")
+
+
+def test_auto_times_both_runtimes_once_per_cpu_and_picks_the_faster(tmp_path, images, monkeypatch):
+    path = create_detector("padim", **SMALL).fit(images[0]).save(tmp_path / "p.safetensors")
+    calls: list = []
+    monkeypatch.setattr(compiled_module, "images_per_second", rates_favouring("torch", calls))
+    model = load_model(path, runtime="auto", device="cpu")
+    assert model.runtime_choice.runtime == "torch"
+    assert "measured on this CPU: onnxruntime 10.0 img/s, torch 100.0 img/s" in model.runtime_choice.note
+    assert len(calls) == 2  # each runtime timed once
+    (record,) = (tmp_path / "p.safetensors.ort").glob("*.speed-*.json")
+    # the next use reads the record: nothing is timed again
+    assert load_model(path, runtime="auto", device="cpu").runtime_choice.runtime == "torch"
+    assert len(calls) == 2
+    # another CPU (another record key) is timed afresh; there onnxruntime is faster
+    monkeypatch.setattr(compiled_module, "cpu_model", lambda: "another CPU")
+    monkeypatch.setattr(compiled_module, "images_per_second", rates_favouring("onnxruntime", calls))
+    model = load_model(path, runtime="auto", device="cpu")
+    assert isinstance(model, CompiledDetector) and "auto: measured" in model.runtime_choice.note
+    assert len(calls) == 4 and len(list(record.parent.glob("*.speed-*.json"))) == 2
+    # an explicit runtime is never second-guessed
+    assert load_model(path, runtime="onnxruntime").runtime_choice.runtime == "onnxruntime"
+    monkeypatch.setattr(compiled_module, "images_per_second", rates_favouring("torch"))
+    assert isinstance(load_model(path, runtime="onnxruntime"), CompiledDetector)
+
+
+def test_auto_measurement_times_real_scoring(tmp_path, images, monkeypatch):
+    monkeypatch.setattr(compiled_module, "images_per_second", MEASURE)
+    path = create_detector("padim", **SMALL).fit(images[0]).save(tmp_path / "p.safetensors")
+    model = load_model(path, runtime="auto", device="cpu")
+    (record,) = (tmp_path / "p.safetensors.ort").glob("*.speed-*.json")
+    import json
+
+    rates = json.loads(record.read_text())
+    assert rates["torch"] > 0 and rates["onnxruntime"] > 0 and rates["threads"] >= 1
+    faster = "onnxruntime" if rates["onnxruntime"] >= rates["torch"] else "torch"
+    assert model.runtime_choice.runtime == faster
 
 
 def test_a_detector_that_cannot_export_stays_on_torch(images):

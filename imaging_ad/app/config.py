@@ -49,7 +49,7 @@ class DemoConfig:
     max_upload_mb: int = 200
     zip_limits: ZipLimits = field(default_factory=ZipLimits)
     device: str = "auto"
-    #: what runs the models: "auto" (onnxruntime when installed and the model exports), "torch", "onnxruntime"
+    #: what runs the models: "auto" (the faster of the two on this CPU, measured), "torch", "onnxruntime"
     runtime: str = "auto"
     #: most files one batch or fit takes (uploads, zip contents or a folder)
     max_batch_files: int = 5000

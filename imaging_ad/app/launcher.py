@@ -48,8 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--runtime",
         choices=("auto", "torch", "onnxruntime"),
         default="auto",
-        help="what runs the models (default auto: onnxruntime when installed and the model can be exported, "
-        "its graph cached next to the model file; else torch)",
+        help="what runs the models (default auto: whichever of onnxruntime and torch scored the model faster "
+        "on this CPU, timed once at first use; its graph cached next to the model file)",
     )
     parser.add_argument(
         "--threads",

@@ -233,6 +233,9 @@ def cached_graph(
             if not stale.name.startswith(key):
                 stale.unlink(missing_ok=True)
                 stale.with_name(stale.name + ".json").unlink(missing_ok=True)
+        for stale in folder.glob("*.speed-*.json"):  # their runtime measurements (see measured_rates)
+            if not stale.name.startswith(key):
+                stale.unlink(missing_ok=True)
     return path, True, time.perf_counter() - start
 
 
@@ -287,6 +290,86 @@ def int8_graph(detector: Detector, fp32: Path, normals: Sequence[Any]) -> tuple[
     return path, check.to_dict()
 
 
+#: images per timed batch when ``auto`` measures the two runtimes (small: it runs once per model and CPU)
+AUTO_PROBE_IMAGES = 8
+
+
+@dataclass(frozen=True)
+class MeasuredRates:
+    """Images per second of the same fitted model's ``score_batch`` in torch and in ONNX Runtime, timed
+    on this CPU with a preprocessed batch (reading and preprocessing are the same for both)."""
+
+    torch: float
+    onnxruntime: float
+    cpu: str
+    threads: int
+
+    @property
+    def faster(self) -> str:
+        return "onnxruntime" if self.onnxruntime >= self.torch else "torch"
+
+    def __str__(self) -> str:
+        return (
+            f"measured on this CPU: onnxruntime {self.onnxruntime:.1f} img/s, torch {self.torch:.1f} img/s "
+            f"({self.threads} threads)"
+        )
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, else the platform's processor string)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def images_per_second(score_batch: Any, batch: np.ndarray, repeats: int = 2) -> float:
+    """The best of ``repeats`` timed calls of ``score_batch(batch)`` after one untimed warm-up."""
+    score_batch(batch)
+    best = min(_seconds(score_batch, batch) for _ in range(repeats))
+    return len(batch) / max(best, 1e-9)
+
+
+def _seconds(score_batch: Any, batch: np.ndarray) -> float:
+    start = time.perf_counter()
+    score_batch(batch)
+    return time.perf_counter() - start
+
+
+def measured_rates(
+    detector: Detector, compiled: CompiledDetector, graph: Path, threads: int
+) -> MeasuredRates:
+    """Both runtimes' rates for this model on this CPU and thread count: read from the file cached beside
+    the graph, or timed now (a few seconds, once) and written there."""
+    cpu = cpu_model()
+    key = hashlib.sha256(f"{cpu}|{threads}".encode()).hexdigest()[:12]
+    record = graph.with_name(f"{graph.name}.speed-{key}.json")
+    try:
+        return MeasuredRates(**json.loads(record.read_text()))
+    except (OSError, ValueError, TypeError):
+        pass  # not measured yet on this CPU (or an unreadable record): measure
+    size = detector.preprocessor_.image_size
+    batch = np.random.default_rng(0).uniform(-1, 1, (AUTO_PROBE_IMAGES, 3, size, size)).astype(np.float32)
+    rates = MeasuredRates(
+        torch=images_per_second(detector.score_batch, batch),
+        onnxruntime=images_per_second(compiled.score_batch, batch),
+        cpu=cpu,
+        threads=threads,
+    )
+    try:
+        with tempfile.NamedTemporaryFile("w", dir=graph.parent, delete=False, suffix=".tmp") as tmp:
+            json.dump(rates.__dict__, tmp)
+        os.replace(tmp.name, record)
+    except OSError as exc:  # a read-only cache still gives this process its answer
+        log.warning("could not record the runtime measurement in %s: %s", record, exc)
+    return rates
+
+
 def with_runtime(
     detector: Detector,
     runtime: str = "auto",
@@ -296,8 +379,10 @@ def with_runtime(
     normals: Sequence[Any] | None = None,
 ) -> Detector | CompiledDetector:
     """``detector`` scored by ``runtime``: ``"torch"`` (the detector itself), ``"onnxruntime"`` (a
-    :class:`CompiledDetector`), or ``"auto"``: onnxruntime when it is installed, the detector is exportable
-    and runs on the CPU, else torch. A detector that cannot be exported stays on torch with a note.
+    :class:`CompiledDetector`), or ``"auto"``: of the two, the one that scored this model faster on this
+    CPU, timed at first use (:func:`measured_rates`, recorded beside the cached graph) — onnxruntime only
+    when it is installed, the detector is exportable and runs on the CPU. A detector that cannot be
+    exported stays on torch with a note.
     Either way the returned object has a ``runtime_choice`` attribute (:class:`RuntimeChoice`) saying which ran and
     why. ``model_path``: the file ``detector`` was loaded from (the cache key and place); without it the
     graph is keyed on the detector's tensors and cached in the user cache. ``threads``: ONNX Runtime's
@@ -383,9 +468,17 @@ def with_runtime(
             f"int8, scores within {quantization['max_relative_score_difference']:.2%} of fp32 on "
             f"{quantization['held_out_images']} held-out normals; {how}"
         )
-    choice = RuntimeChoice("onnxruntime", f"{how}: {final}, {threads} threads")
-    log.info("%s", choice)
-    return CompiledDetector(detector, exported, final, choice, features_only=split)
+    compiled = CompiledDetector(
+        detector, exported, final, RuntimeChoice("onnxruntime", ""), features_only=split
+    )
+    if runtime == "auto" and precision == "fp32":
+        rates = measured_rates(detector, compiled, final, threads)
+        if rates.faster == "torch":
+            return on_torch(f"auto: {rates}")
+        how = f"auto: {rates}; {how}"
+    compiled.runtime_choice = RuntimeChoice("onnxruntime", f"{how}: {final}, {threads} threads")
+    log.info("%s", compiled.runtime_choice)
+    return compiled
 
 
 def load_model(
