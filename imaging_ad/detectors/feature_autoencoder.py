@@ -67,11 +67,11 @@ class FeatureAutoencoder(MapScoredDetector):
         width of the network and of its bottleneck (on a grid half the feature grid's side).
     """
 
-    # measured: benchmarks/RESULTS.md, "Issue 19 item 3" (2026-12-02)
+    # measured: benchmarks/RESULTS.md, "feature_ae: per-position statistics vs raw maps" (2026-12-03)
     recommended = False
     not_recommended_because = (
-        "mean image AUROC 0.75 over the six benchmark datasets "
-        "against PatchCore's 0.86, and 0.67 on head_ct (PatchCore 0.90)"
+        "mean image AUROC 0.79 over the six benchmark datasets against PatchCore's 0.87 "
+        "(0.71 on head_ct against 0.92), though its mean AUPRO is higher (0.66 against 0.52)"
     )
 
     # magnetic_tile: strides 8+16 keep small defects visible on a 32x32 grid (at 256 px)
