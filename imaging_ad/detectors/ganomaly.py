@@ -101,7 +101,7 @@ class Ganomaly(ImageSpaceDetector):
     recommended = False
     not_recommended_because = (
         "mean image AUROC 0.64 over the six benchmark datasets against "
-        "PatchCore's 0.86; 0.61 on chest_xray, 0.44 on busi (PatchCore 0.87, 0.93)"
+        "PatchCore's 0.87; 0.61 on chest_xray, 0.44 on busi (PatchCore 0.87, 0.93)"
     )
 
     def __init__(
