@@ -173,6 +173,17 @@ def test_auto_times_both_runtimes_once_per_cpu_and_picks_the_faster(tmp_path, im
     assert isinstance(load_model(path, runtime="onnxruntime"), CompiledDetector)
 
 
+def test_auto_that_cannot_time_still_scores(tmp_path, images, monkeypatch):
+    def broken(score_batch, batch, repeats=2):
+        raise RuntimeError("timer broke")
+
+    monkeypatch.setattr(compiled_module, "images_per_second", broken)
+    path = create_detector("padim", **SMALL).fit(images[0]).save(tmp_path / "p.safetensors")
+    model = load_model(path, runtime="auto", device="cpu")
+    assert isinstance(model, CompiledDetector) and "untimed (RuntimeError)" in model.runtime_choice.note
+    assert model.predict(images[1][:1])[0].score > 0
+
+
 def test_auto_measurement_times_real_scoring(tmp_path, images, monkeypatch):
     monkeypatch.setattr(compiled_module, "images_per_second", MEASURE)
     path = create_detector("padim", **SMALL).fit(images[0]).save(tmp_path / "p.safetensors")

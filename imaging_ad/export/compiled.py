@@ -472,10 +472,15 @@ def with_runtime(
         detector, exported, final, RuntimeChoice("onnxruntime", ""), features_only=split
     )
     if runtime == "auto" and precision == "fp32":
-        rates = measured_rates(detector, compiled, final, threads)
-        if rates.faster == "torch":
-            return on_torch(f"auto: {rates}")
-        how = f"auto: {rates}; {how}"
+        try:
+            rates = measured_rates(detector, compiled, final, threads)
+        except Exception as exc:  # noqa: BLE001  (timing must never stop scoring: keep the faster-as-a-rule)
+            log.warning("auto could not time the runtimes (%s): onnxruntime, untimed", exc)
+            how = f"auto, untimed ({type(exc).__name__}); {how}"
+        else:
+            if rates.faster == "torch":
+                return on_torch(f"auto: {rates}")
+            how = f"auto: {rates}; {how}"
     compiled.runtime_choice = RuntimeChoice("onnxruntime", f"{how}: {final}, {threads} threads")
     log.info("%s", compiled.runtime_choice)
     return compiled
