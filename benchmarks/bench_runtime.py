@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -301,16 +300,6 @@ def table(rows: list[dict], has_base: bool) -> str:
     return "\n".join(lines)
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -336,12 +325,14 @@ def main() -> int:
             row = bench_one(SHARED / name, detector_name, args, peak)
             print(row, flush=True)
             rows.append(row)
+    from imaging_ad.export.compiled import cpu_model
+
     text = table(rows, bool(args.base))
     load_after = os.getloadavg()
     build = ", ".join(f"{r['dataset']}/{r['detector']} {r['ort_build_s']:.1f} s" for r in rows)
     cached = ", ".join(f"{r['ort_cached_load_s']:.1f}" for r in rows)
     notes = (
-        f"\nCPU: {cpu_name()}, {os.cpu_count()} cores; fp32 peak measured in this run: {peak:.0f} GFLOP/s "
+        f"\nCPU: {cpu_model()}, {os.cpu_count()} cores; fp32 peak measured in this run: {peak:.0f} GFLOP/s "
         f"(2048^3 matrix product). Load average before/after: {load[0]:.1f} / {load_after[0]:.1f}.  \n"
         f"Backbone FLOPs per image (torch FLOP counter): "
         + ", ".join(

@@ -81,6 +81,5 @@ class FeatureVAE(FeatureAutoencoder):
 
     def _score(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         errors, kl = self._parts(self._standardise(patch_grid(features)), sample=False)
-        if self.position_mean_ is not None:
-            errors = (errors - self.position_mean_) / self.position_std_
+        errors = self._standardised(errors)
         return top_mean(errors, self.top_fraction) + self.kl_weight * kl, errors

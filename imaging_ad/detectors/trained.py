@@ -278,11 +278,14 @@ class MapScoredDetector(TrainedDetector):
         self.position_std_ = variance.sqrt().clamp_min(1e-6).float()
 
     def _anomaly_maps(self, features: list[torch.Tensor]) -> torch.Tensor:
-        """Features -> the heatmap (B, h, w): the raw map, standardised per position when learned."""
-        maps = self._input_maps(self._training_inputs(features))
-        if self.position_mean_ is not None:
-            maps = (maps - self.position_mean_) / self.position_std_
-        return maps
+        """Features -> the heatmap (B, h, w)."""
+        return self._standardised(self._input_maps(self._training_inputs(features)))
+
+    def _standardised(self, maps: torch.Tensor) -> torch.Tensor:
+        """Raw maps (B, h, w), standardised per position when the statistics were learned."""
+        if self.position_mean_ is None:
+            return maps
+        return (maps - self.position_mean_) / self.position_std_
 
     def _score(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         maps = self._anomaly_maps(features)
