@@ -198,3 +198,17 @@ def test_position_statistics_keep_a_label_in_every_image_from_outranking_defects
     for result in results[6:]:
         peak = np.unravel_index(np.argmax(result.heatmap), result.heatmap.shape)
         assert not (peak[0] < 24 and peak[1] < 24), f"heatmap peak {peak} on the label"
+
+
+def test_one_held_out_normal_gives_no_position_statistics_and_says_so():
+    """A single early-stopping normal has no spread: rather than divide by the variance floor (a ranking
+    that means nothing), the map is scored raw and the fit warns."""
+    from imaging_ad.detectors.base import CalibrationWarning
+
+    rng = np.random.default_rng(8)
+    normals = [texture(rng) for _ in range(12)]  # 2 kept for thresholds, 1 of the other 10 for stopping
+    with pytest.warns(CalibrationWarning, match="1 held-out normal image"):
+        detector = create_detector("feature_ae", image_size=96, epochs=2, progress=False).fit(normals)
+    assert detector.position_statistics and detector.position_mean_ is None
+    defect, _ = paste_defect(texture(rng), rng)
+    assert np.isfinite([r.score for r in detector.predict([texture(rng), defect])]).all()

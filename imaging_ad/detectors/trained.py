@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from abc import abstractmethod
 
 import numpy as np
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from imaging_ad.detectors.augment import build_augmentation, check_augmentation
-from imaging_ad.detectors.base import Detector
+from imaging_ad.detectors.base import CalibrationWarning, Detector
 from imaging_ad.detectors.components.domain_guard import FitRecorder
 from imaging_ad.detectors.layers import top_mean
 from imaging_ad.detectors.params import Interval
@@ -229,6 +230,8 @@ class TrainedDetector(Detector):
 
 #: pseudo-count of the map-wide variance in each position's variance (see MapScoredDetector)
 POSITION_SHRINKAGE = 10
+#: one held-out normal has no spread at all: standardising by it would divide by the 1e-6 floor
+MIN_IMAGES_FOR_POSITION_STATISTICS = 2
 
 
 class MapScoredDetector(TrainedDetector):
@@ -244,7 +247,8 @@ class MapScoredDetector(TrainedDetector):
         (PatchCore's per-position statistics, for the same reason: some positions — the frame, the
         padding, an edge every image has — score high on every normal image, and a plain top-k mean
         lands there). Few held-out normals give noisy spreads, so each position's variance is shrunk
-        towards the map-wide one (a pseudo-count of 10 images).
+        towards the map-wide one (a pseudo-count of 10 images); with a single held-out normal (about 20
+        training images or fewer) there is no spread to learn, and the map is scored raw, with a warning.
 
     Subclasses say what the network reads (:meth:`_training_inputs`, cached for training) and how it makes
     the raw map from that (:meth:`_input_maps`); scoring is the same two steps on live features.
@@ -267,6 +271,15 @@ class MapScoredDetector(TrainedDetector):
     def _learn_from_validation(self, validation_inputs: torch.Tensor) -> None:
         self.position_mean_ = self.position_std_ = None
         if not self.position_statistics:
+            return
+        if len(validation_inputs) < MIN_IMAGES_FOR_POSITION_STATISTICS:
+            warnings.warn(
+                f"{self.name}: {len(validation_inputs)} held-out normal image(s) cannot give per-position "
+                "statistics, so the map is scored without them; give more normal images (or raise "
+                "validation_fraction)",
+                CalibrationWarning,
+                stacklevel=2,
+            )
             return
         maps = torch.cat(
             [self._input_maps(chunk.to(self.device_)) for chunk in validation_inputs.split(32)]
