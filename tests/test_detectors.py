@@ -292,6 +292,33 @@ def test_smoothing_by_matrix_products_equals_upsampling_then_blurring(grid, size
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * float(maps.max()))
 
 
+@pytest.mark.parametrize("grids", [((16, 16), (8, 8)), ((14, 14), (7, 7)), ((32, 32), (16, 16))])
+@pytest.mark.parametrize("neighbourhood", [1, 3, 5])
+def test_patch_embeddings_by_operator_equal_local_averaging_then_resizing(grids, neighbourhood):
+    """Small grids aggregate patches by one matrix product per stage, larger ones by torch's pooling and
+    resizing kernels; both must equal the definition: a local average (borders averaging the cells inside)
+    of each stage, resized bilinearly onto the finest grid, stages concatenated; patch rows are a view."""
+    import torch.nn.functional as F
+
+    from imaging_ad.detectors.patchcore import patch_embeddings
+
+    generator = torch.Generator().manual_seed(0)
+    features = [
+        torch.randn(3, channels, *grid, generator=generator)
+        for channels, grid in zip((8, 5), grids, strict=True)
+    ]
+    k = neighbourhood
+    pooled = [F.avg_pool2d(f, k, stride=1, padding=k // 2, count_include_pad=False) for f in features]
+    expected = torch.cat(
+        [pooled[0], F.interpolate(pooled[1], size=grids[0], mode="bilinear", align_corners=False)], dim=1
+    )
+    got = patch_embeddings(features, neighbourhood)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    rows = got.permute(0, 2, 3, 1)
+    assert rows.is_contiguous()  # (B, h * w, D) rows without a copy
+
+
 def test_patchcore_extend_memory_bank_recalibrates_as_a_fit_with_that_bank_would(textures):
     """After extending the bank, the per-position statistics and thresholds are exactly those a detector
     holding the extended bank learns from the same calibration images."""

@@ -64,6 +64,10 @@ class OnnxBackend:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             options.intra_op_num_threads = threads
+        # idle pool threads sleep instead of spinning: a spinning pool keeps the cores busy after each run,
+        # just when the head that follows (PatchCore's faiss search, torch) needs them; spinning doubled
+        # the search's time on 2 cores (benchmarks/RESULTS.md)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         self.input_name = self.session.get_inputs()[0].name
 

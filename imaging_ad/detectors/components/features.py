@@ -9,8 +9,12 @@ import torch.nn.functional as F
 
 
 def patch_grid(features: list[torch.Tensor]) -> torch.Tensor:
-    """(B, D, h, w): every stage resized onto the finest selected stage's grid and concatenated."""
+    """(B, D, h, w): every stage resized onto the finest selected stage's grid and concatenated, in
+    channels-last memory (patch rows are then a view)."""
     grid = (int(features[0].shape[-2]), int(features[0].shape[-1]))
+    # NCHW maps (what ONNX Runtime returns) on small grids make torch's resize and pooling kernels loop
+    # over channels: channels-last is several times faster for the same numbers
+    features = [f.contiguous(memory_format=torch.channels_last) for f in features]
     maps = [features[0]] + [
         F.interpolate(f, size=grid, mode="bilinear", align_corners=False) for f in features[1:]
     ]
