@@ -181,7 +181,7 @@ def patch_embeddings(features: list[torch.Tensor], neighbourhood: int) -> torch.
 
     The local average and the resize onto the grid are linear in space, so on small grids each stage is
     one matrix product with their (h * w, h_s * w_s) operator, which also lays the rows out channels-last
-    for free: 0.85 -> 0.2 ms per image behind ONNX Runtime (benchmarks/RESULTS.md). The operator grows
+    for free: 0.26 -> 0.07 s per 200 images behind ONNX Runtime (benchmarks/RESULTS.md). The operator grows
     with the square of the grid, so larger grids take the pooling and resizing kernels themselves."""
     grid = (int(features[0].shape[-2]), int(features[0].shape[-1]))
     if grid[0] * grid[1] <= _OPERATOR_MAX_CELLS:
@@ -214,11 +214,12 @@ def aggregation_operator(stage: tuple[int, int], grid: tuple[int, int], neighbou
     averaging only the cells inside) then bilinear resizing onto ``grid``, built by passing each unit map
     through those very operations."""
     k = neighbourhood
-    units = torch.eye(stage[0] * stage[1]).view(-1, 1, *stage)
-    pooled = F.avg_pool2d(units, k, stride=1, padding=k // 2, count_include_pad=False)
-    if tuple(stage) != tuple(grid):
-        pooled = F.interpolate(pooled, size=grid, mode="bilinear", align_corners=False)
-    return pooled.reshape(units.shape[0], -1).T.contiguous()
+    with torch.inference_mode(False):  # cached: a normal tensor, usable by fits that track gradients too
+        units = torch.eye(stage[0] * stage[1]).view(-1, 1, *stage)
+        pooled = F.avg_pool2d(units, k, stride=1, padding=k // 2, count_include_pad=False)
+        if tuple(stage) != tuple(grid):
+            pooled = F.interpolate(pooled, size=grid, mode="bilinear", align_corners=False)
+        return pooled.reshape(units.shape[0], -1).T.contiguous()
 
 
 def _plain(patch_scores: torch.Tensor) -> torch.Tensor:
