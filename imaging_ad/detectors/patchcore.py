@@ -15,12 +15,10 @@ plain distances, which localise better.
 from __future__ import annotations
 
 import copy
-import functools
 import math
 from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from imaging_ad.detectors.base import Detector
@@ -176,50 +174,9 @@ class PatchCoreHead(nn.Module):
 
 
 def patch_embeddings(features: list[torch.Tensor], neighbourhood: int) -> torch.Tensor:
-    """Stage maps -> (B, D, h, w) locally aggregated patch embeddings on the finest stage's grid (in
-    channels-last memory: the patch rows (B, h * w, D) are a view).
-
-    The local average and the resize onto the grid are linear in space, so on small grids each stage is
-    one matrix product with their (h * w, h_s * w_s) operator, which also lays the rows out channels-last
-    for free: 0.26 -> 0.07 s per 200 images behind ONNX Runtime (benchmarks/RESULTS.md). The operator grows
-    with the square of the grid, so larger grids take the pooling and resizing kernels themselves."""
-    grid = (int(features[0].shape[-2]), int(features[0].shape[-1]))
-    if grid[0] * grid[1] <= _OPERATOR_MAX_CELLS:
-        b = features[0].shape[0]
-        rows = torch.cat(
-            [
-                torch.matmul(
-                    aggregation_operator(tuple(f.shape[-2:]), grid, neighbourhood).to(f),
-                    f.flatten(2).transpose(1, 2),
-                )
-                for f in features
-            ],
-            dim=2,
-        )  # (B, h * w, D)
-        return rows.view(b, grid[0], grid[1], -1).permute(0, 3, 1, 2)
-    k = neighbourhood
-    return patch_grid(
-        [F.avg_pool2d(f, k, stride=1, padding=k // 2, count_include_pad=False) for f in features]
-    )
-
-
-# Grids up to 16 x 16 (256 px inputs at stride 16) aggregate by operator: its cost grows with the square
-# of the cells, and at 32 x 32 it would cost ~0.4 GFLOP per image.
-_OPERATOR_MAX_CELLS = 256
-
-
-@functools.lru_cache(maxsize=32)  # a few (stage, grid, k) per process; never mutated
-def aggregation_operator(stage: tuple[int, int], grid: tuple[int, int], neighbourhood: int) -> torch.Tensor:
-    """(grid cells, stage cells) float32: PatchCore's local average (``neighbourhood`` square, borders
-    averaging only the cells inside) then bilinear resizing onto ``grid``, built by passing each unit map
-    through those very operations."""
-    k = neighbourhood
-    with torch.inference_mode(False):  # cached: a normal tensor, usable by fits that track gradients too
-        units = torch.eye(stage[0] * stage[1]).view(-1, 1, *stage)
-        pooled = F.avg_pool2d(units, k, stride=1, padding=k // 2, count_include_pad=False)
-        if tuple(stage) != tuple(grid):
-            pooled = F.interpolate(pooled, size=grid, mode="bilinear", align_corners=False)
-        return pooled.reshape(units.shape[0], -1).T.contiguous()
+    """Stage maps -> (B, D, h, w) PatchCore's locally aggregated patch embeddings on the finest stage's
+    grid (:func:`~imaging_ad.detectors.components.features.patch_grid` with its neighbourhood)."""
+    return patch_grid(features, neighbourhood)
 
 
 def _plain(patch_scores: torch.Tensor) -> torch.Tensor:
