@@ -96,6 +96,26 @@ def test_exclusion_never_matches_a_row_of_the_same_source():
     assert exclusion.per_query(2).tolist() == [3, 3, 4, 4]
 
 
+def test_exact_distance_is_precise_near_a_bank_row_whatever_the_batch():
+    # deeppcb: test images duplicate training images, so patches sit on bank rows. The GEMM expansion
+    # |q|^2 - 2 q.m + |m|^2 cancels norms of ~1e4 there and its rounding changed with the batch (a
+    # distance of 0 read 0.027 in one batch and 0 alone); the distance is taken from q - m instead
+    from imaging_ad.detectors.components.search import ExactSearch
+
+    generator = torch.Generator().manual_seed(0)
+    bank = 10 + 5 * torch.rand(2000, 1024, generator=generator)
+    search = ExactSearch(bank)
+    offset = torch.zeros(1024)
+    offset[0] = 1e-3
+    target = bank[123] + offset  # 1e-3 from row 123, norm ~400
+    others = 10 + 5 * torch.rand(63, 1024, generator=generator)
+    alone = search(target[None])
+    in_batch = search(torch.cat([others, target[None]]))
+    for distances, nearest in (alone, (in_batch[0][-1:], in_batch[1][-1:])):
+        assert int(nearest[0]) == 123
+        assert float(distances[0]) == pytest.approx(1e-3, rel=1e-3)
+
+
 def test_dfm_cross_fitted_scores_come_from_the_other_folds(normals):
     detector = create_detector("dfm", **SMALL)
     detector._setup()

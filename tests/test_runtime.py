@@ -295,9 +295,14 @@ def test_int8_check_refuses_moved_scores_and_verdicts():
     from imaging_ad.export.quantize import compare
 
     fp32 = np.array([1.0, 2.0, 3.0, 4.0])
-    assert compare(fp32, fp32 * 1.01, threshold=10.0, n_calibration=4).accepted
-    moved = compare(fp32, fp32 * 1.05, threshold=10.0, n_calibration=4)
+    assert compare(fp32, fp32 * 1.01, threshold=0.5, n_calibration=4).accepted
+    moved = compare(fp32, fp32 * 1.05, threshold=0.5, n_calibration=4)
     assert not moved.accepted and moved.max_relative_score_difference == pytest.approx(0.05)
+    # standardised scores of normals sit around zero: a change is weighed against the threshold there
+    centred = np.array([-0.5, -0.001, 0.002, 0.4])
+    near_zero = compare(centred, centred + 0.01, threshold=3.0, n_calibration=4)
+    assert near_zero.accepted and near_zero.max_relative_score_difference == pytest.approx(0.01 / 3.0)
+    assert not compare(centred, centred + 0.1, threshold=3.0, n_calibration=4).accepted
     flipped = compare(fp32, fp32 + np.array([0, 0, 0, 0.01]), threshold=4.005, n_calibration=4)
     assert flipped.verdict_changes == 1 and not flipped.accepted
 

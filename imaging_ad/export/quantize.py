@@ -7,7 +7,9 @@ int8 convolutions several times faster than fp32. The head (nearest-neighbour di
 forms) stays fp32: its arithmetic is where small errors become score changes. The quantised graph is then
 checked against the fp32 graph on the other half of the normals (held out from calibration): scores must
 stay within :data:`INT8_SCORE_RTOL` relative and no verdict may change, else it is refused with the
-measured gap (:class:`QuantizationRefused`).
+measured gap (:class:`QuantizationRefused`). "Relative" is to the larger of the score and the image
+threshold: standardised scores of normals sit around zero, where a plain relative change is unbounded
+and says nothing about the verdict.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import numpy as np
 
 from imaging_ad.export.errors import ExportError
 
-#: largest relative change of a held-out normal's image score an int8 graph may make
+#: largest change of a held-out normal's image score an int8 graph may make, relative to the larger of
+#: the score and the image threshold
 INT8_SCORE_RTOL = 0.02
 INPUT_NAME = "images"
 
@@ -92,7 +95,8 @@ def quantize_backbone(fp32: Path, out: Path, calibration: np.ndarray) -> None:
 def compare(
     fp32_scores: np.ndarray, int8_scores: np.ndarray, threshold: float, n_calibration: int
 ) -> QuantizationCheck:
-    relative = np.abs(int8_scores - fp32_scores) / np.maximum(np.abs(fp32_scores), 1e-12)
+    scale = np.maximum(np.maximum(np.abs(fp32_scores), abs(threshold)), 1e-12)
+    relative = np.abs(int8_scores - fp32_scores) / scale
     changes = int(np.sum((fp32_scores > threshold) != (int8_scores > threshold)))
     return QuantizationCheck(
         calibration_images=n_calibration,
