@@ -17,17 +17,12 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+from recording import SHARED, dataset_names, record
 
 
 def spaced(items: list, n: int) -> list:
@@ -157,7 +152,7 @@ def main() -> int:
     )
     parser.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = parser.parse_args()
-    names = args.datasets or sorted(p.name for p in SHARED.iterdir() if p.is_dir())
+    names = dataset_names(args.datasets)
     start = time.perf_counter()
     rows = []
     for name in names:
@@ -171,13 +166,12 @@ def main() -> int:
     notes = f"\nCPU: {cpu_model()}, {os.cpu_count()} cores; {time.perf_counter() - start:.0f} s in all.\n"
     print(text + notes)
     if args.record:
-        command = "PYTHONPATH=. python " + " ".join(["benchmarks/bench_runtime_accuracy.py", *sys.argv[1:]])
-        with RESULTS.open("a") as handle:
-            handle.write(
-                f"\n## Accuracy per runtime and precision, every shared dataset (issue 21) — {date.today().isoformat()}\n\n"
-                f"Command: `{command}`. Default detectors fitted on all training normals, full test splits, "
-                "one saved model per row group scored by each runtime.\n\n" + text + "\n" + notes
-            )
+        record(
+            "Accuracy per runtime and precision, every shared dataset (issue 21)",
+            "Default detectors fitted on all training normals, full test splits, one saved model per row group "
+            "scored by each runtime.",
+            text + "\n" + notes,
+        )
     return 0
 
 

@@ -90,11 +90,12 @@ class ExactSearch(nn.Module):
 
 
 class GraphSearch:
-    """faiss HNSW over the bank (CPU). On magnetic_tile's 17.5k-row bank, 16 links and efSearch=8 search
+    """faiss HNSW over the bank (CPU). On magnetic_tile's 17.5k-row bank, 16 links and efSearch=8 searched
     12x faster than exact and 1.9x faster than 32 links / efSearch=16, for the same image AUROC and pixel
-    AUROC 0.001 lower (benchmarks/RESULTS.md). Graph search can only overestimate a distance; two
-    corrections, :meth:`search_top_again` and :meth:`make_maximum_exact`, make each image's top patch
-    exact, so image scores equal an exact search's while other heatmap cells may stay overestimated."""
+    AUROC 0.001 lower; PatchCore's default beam is 16 since its missed cells were measured in the heatmaps
+    (benchmarks/RESULTS.md). Graph search can only overestimate a distance; two corrections,
+    :meth:`search_top_again` and :meth:`make_maximum_exact`, make each image's top patch exact, so image
+    scores equal an exact search's while other heatmap cells may stay overestimated."""
 
     def __init__(self, bank: torch.Tensor, exact: ExactSearch, links: int, ef_search: int) -> None:
         self.ef_search = ef_search
