@@ -98,8 +98,8 @@ def test_exclusion_never_matches_a_row_of_the_same_source():
 
 def test_exact_distance_is_precise_near_a_bank_row_whatever_the_batch():
     # deeppcb: test images duplicate training images, so patches sit on bank rows. The GEMM expansion
-    # |q|^2 - 2 q.m + |m|^2 cancels norms of ~1e4 there and its rounding changed with the batch (a
-    # distance of 0 read 0.027 in one batch and 0 alone); the distance is taken from q - m instead
+    # |q|^2 - 2 q.m + |m|^2 cancels norms of ~1e4 there and its rounding changed with the batch (one
+    # patch's distance differed by 0.027 between a batch of 16 and its image alone); it is taken from q - m
     from imaging_ad.detectors.components.search import ExactSearch
 
     generator = torch.Generator().manual_seed(0)
@@ -114,6 +114,9 @@ def test_exact_distance_is_precise_near_a_bank_row_whatever_the_batch():
     for distances, nearest in (alone, (in_batch[0][-1:], in_batch[1][-1:])):
         assert int(nearest[0]) == 123
         assert float(distances[0]) == pytest.approx(1e-3, rel=1e-3)
+    # cross-fitting a one-image bank: no row may match, so no neighbour at all
+    lonely, _ = search.in_blocks(target[None], torch.tensor([0]), torch.zeros(2000, dtype=torch.long))
+    assert torch.isinf(lonely).all()
 
 
 def test_dfm_cross_fitted_scores_come_from_the_other_folds(normals):

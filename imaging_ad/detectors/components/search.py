@@ -85,8 +85,10 @@ class ExactSearch(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         partial = torch.addmm(self.bank_norms, queries, self.bank.T, alpha=-2)
         partial.masked_fill_(bank_sources[None, :] == sources[:, None], torch.inf)
-        nearest = partial.argmin(dim=1)
-        return self.distance_to(queries, nearest), nearest
+        partial_min, nearest = partial.min(dim=1)
+        # a query whose every bank row is its own (a one-image bank) has no neighbour: infinitely far
+        distances = torch.where(partial_min.isinf(), partial_min, self.distance_to(queries, nearest))
+        return distances, nearest
 
 
 class GraphSearch:
