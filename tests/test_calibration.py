@@ -97,7 +97,7 @@ def test_exclusion_never_matches_a_row_of_the_same_source():
 
 
 def test_exact_distance_is_precise_near_a_bank_row_whatever_the_batch():
-    # deeppcb: test images duplicate training images, so patches sit on bank rows. The GEMM expansion
+    # deeppcb: boards repeat designs, so test patches can sit on bank rows. The GEMM expansion
     # |q|^2 - 2 q.m + |m|^2 cancels norms of ~1e4 there and its rounding changed with the batch (one
     # patch's distance differed by 0.027 between a batch of 16 and its image alone); it is taken from q - m
     from imaging_ad.detectors.components.search import ExactSearch
