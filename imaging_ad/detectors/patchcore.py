@@ -214,7 +214,8 @@ class PatchCore(Detector):
         too high in the heatmap. Beam 16 (since 2026-12-03; 8 before), chosen on the four shared datasets
         with graph-searched banks: at 8, 4-55% of anomalous test images (0.7-6.4% of normal ones) had over
         1% of their pixels coloured above the pixel threshold only by such misses, at 16 1.5-13% (0-0.9%),
-        with accuracy equal or higher everywhere and the head 0.3-0.8 ms per image slower; 32 leaves
+        with accuracy equal or higher everywhere and the head 0.3-0.8 ms per image slower (less since the
+        graph holds the bank in float16); 32 leaves
         0-1.8% but costs 1.0-2.2 ms (benchmarks/RESULTS.md). ``search="flat"`` gives exact maps.
     position_statistics
         rank patches for the image score by their distance standardised per position (see above).
