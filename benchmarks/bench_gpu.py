@@ -23,13 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from recording import SHARED, record
-
-
-def spaced(items: list, n: int) -> list:
-    if len(items) <= n:
-        return list(items)
-    return [items[i] for i in np.linspace(0, len(items) - 1, n).round().astype(int)]
+from recording import SHARED, record, spaced
 
 
 def synchronised(device, run) -> float:
@@ -51,6 +45,7 @@ def bench_one(dataset_dir: Path, detector_name: str, args) -> dict:
 
     from imaging_ad.data import discover_dataset
     from imaging_ad.detectors import create_detector, load_detector
+    from imaging_ad.export.quantize import compare
     from imaging_ad.inference import load
 
     dataset = discover_dataset(dataset_dir)
@@ -92,12 +87,11 @@ def bench_one(dataset_dir: Path, detector_name: str, args) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench_gpu-") as tmp:
         path = detector.save(Path(tmp) / "model.safetensors")
         cpu = load_detector(path, device="cpu")
-        on_cpu = [r for r in cpu.predict(test)]
-    cpu_scores = np.array([r.score for r in on_cpu])
-    threshold = detector.calibration_.image_threshold
-    scale = np.maximum(np.abs(cpu_scores), abs(threshold))
-    row["max_scaled_score_diff"] = float(np.max(np.abs(on_device - cpu_scores) / scale))
-    row["verdicts_equal"] = int(np.sum((on_device > threshold) == (cpu_scores > threshold)))
+        cpu_scores = np.array([r.score for r in cpu.predict(test)])
+    # the int8 guard's measure: each change against the larger of the score and the threshold
+    check = compare(cpu_scores, on_device, detector.calibration_.image_threshold, 0)
+    row["max_scaled_score_diff"] = check.max_relative_score_difference
+    row["verdicts_equal"] = len(test) - check.verdict_changes
     if 0 < labels.sum() < len(labels):
         row["auroc_device"] = roc_auc_score(labels, on_device)
         row["auroc_cpu"] = roc_auc_score(labels, cpu_scores)

@@ -26,17 +26,12 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
+from recording import spaced
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 PARAMS = {"device": "cpu", "progress": False}
-
-
-def spaced(items: list, n: int) -> list:
-    if len(items) <= n:
-        return list(items)
-    return [items[i] for i in np.linspace(0, len(items) - 1, n).round().astype(int)]
 
 
 # -- the base commit's side, run in a subprocess with its own imaging_ad on PYTHONPATH ---------------

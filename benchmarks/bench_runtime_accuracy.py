@@ -22,16 +22,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-from recording import SHARED, dataset_names, record
-
-
-def spaced(items: list, n: int) -> list:
-    if len(items) <= n:
-        return list(items)
-    return [items[i] for i in np.linspace(0, len(items) - 1, n).round().astype(int)]
+from recording import SHARED, dataset_names, record, spaced
 
 
 def summary(evaluation, reference=None, threshold: float = 1.0) -> dict:
+    from imaging_ad.export.quantize import compare
+
     report = evaluation.report
     row = {
         "image_auroc": report.get("image_auroc"),
@@ -44,9 +40,8 @@ def summary(evaluation, reference=None, threshold: float = 1.0) -> dict:
         got = np.array([r.score for r in evaluation.results])
         row["max_rel_score_diff"] = float(np.max(np.abs(got - want) / np.abs(want)))
         # standardised scores of normals sit around zero, where a plain relative change is unbounded:
-        # also weigh each change against the larger of the score and the threshold (the int8 guard's scale)
-        scale = np.maximum(np.abs(want), abs(threshold))
-        row["max_scaled_score_diff"] = float(np.max(np.abs(got - want) / scale))
+        # also the int8 guard's measure, each change against the larger of the score and the threshold
+        row["max_scaled_score_diff"] = compare(want, got, threshold, 0).max_relative_score_difference
         row["verdicts_equal"] = sum(
             a.is_anomaly == b.is_anomaly for a, b in zip(reference.results, evaluation.results, strict=True)
         )

@@ -1,5 +1,5 @@
-"""What the benchmark scripts share: the shared datasets they run on, and appending a table to
-benchmarks/RESULTS.md with the date and the command that made it."""
+"""What the benchmark scripts share: the shared datasets they run on, an even sample of a split, and
+appending a table to benchmarks/RESULTS.md with the date and the command that made it."""
 
 from __future__ import annotations
 
@@ -7,9 +7,18 @@ import sys
 from datetime import date
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+
+
+def spaced(items: list, n: int) -> list:
+    """``n`` of ``items`` evenly spaced from the first to the last (all of them when there are no more)."""
+    if len(items) <= n:
+        return list(items)
+    return [items[i] for i in np.linspace(0, len(items) - 1, n).round().astype(int)]
 
 
 def dataset_names(names: list[str] | None) -> list[str]:

@@ -161,7 +161,7 @@ class GraphSearch:
         distances, found = squared[:, 0].clamp_min(0).sqrt(), found[:, 0]
         # rows with a neighbour (not -1, not infinitely far: a one-image bank when cross-fitting)
         measured = (found >= 0) & distances.isfinite()
-        distances[measured] = self.exact.distance_to(rows[measured].float(), found[measured])
+        distances[measured] = self.exact.distance_to(rows[measured], found[measured])
         return distances, found
 
     def search_top_again(
