@@ -212,3 +212,50 @@ def test_one_held_out_normal_gives_no_position_statistics_and_says_so():
     assert detector.position_statistics and detector.position_mean_ is None
     defect, _ = paste_defect(texture(rng), rng)
     assert np.isfinite([r.score for r in detector.predict([texture(rng), defect])]).all()
+
+
+def test_reverse_distillation_refuses_teacher_strides_that_do_not_halve():
+    from imaging_ad.detectors.params import ParameterError
+
+    rng = np.random.default_rng(7)
+    normals = [texture(rng, 64, 64) for _ in range(6)]
+    for strides in [(8, 32), (32, 16), ()]:
+        with pytest.raises(ParameterError, match="teacher_strides"):
+            create_detector("reverse_distillation", teacher_strides=strides, progress=False).fit(normals)
+
+
+def test_reverse_distillation_file_from_before_teacher_strides_loads_as_it_was_fitted(tmp_path):
+    """Files written before ``teacher_strides`` and ``neighbourhood`` existed reconstructed strides 4, 8
+    and 16 without averaging: they must load as that network, and score exactly as when saved."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from imaging_ad.detectors.persistence import _digest
+
+    rng = np.random.default_rng(8)
+    normals = [texture(rng, 64, 64) for _ in range(12)]
+    old = create_detector(
+        "reverse_distillation",
+        teacher_strides=(4, 8, 16),
+        neighbourhood=1,
+        width=8,
+        image_size=64,
+        epochs=2,
+        holdout_fraction=0.2,
+        progress=False,
+    ).fit(normals)
+    path = old.save(tmp_path / "rd")
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        description = json.loads(handle.metadata()["imaging_ad"])
+    tensors = load_file(str(path))
+    for key in ("teacher_strides", "neighbourhood"):
+        del description["params"][key]  # as an older version wrote it
+    description.pop("sha256")
+    description["sha256"] = _digest(description, tensors)
+    save_file(tensors, str(path), metadata={"imaging_ad": json.dumps(description)})
+    loaded = load_detector(path, device="cpu")
+    assert loaded.feature_strides == (4, 8, 16) and loaded.neighbourhood == 1
+    assert [r.score for r in loaded.predict(normals[:2])] == [r.score for r in old.predict(normals[:2])]
