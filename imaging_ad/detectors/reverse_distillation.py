@@ -16,13 +16,13 @@ teacher here is whatever backbone the registry serves (EfficientNet-Lite offline
 and decoder are a few convolution blocks (``width``), so that an epoch over 700 images at 256 px takes
 seconds on two cores; the teacher's features are cached once, so epochs cost only the small student.
 What was measured to choose this (``benchmarks/RESULTS.md``, 2026-12-03, mean over six datasets):
-EfficientNet-Lite's stride-4 and stride-8 maps have 24 and 40 channels, too few for a cosine to tell
-texture noise from a defect, and the finest scale cost most of every epoch; strides 16 and 32 (112 and
+EfficientNet-Lite's stride-4 and stride-8 maps have 24 and 40 channels (likely too few for a cosine
+to tell texture noise from a defect), and the finest scale cost most of every epoch; strides 16 and 32 (112 and
 320 channels), averaged over 3 x 3 neighbourhoods, rank images better and train several times faster,
 so the same time buys many more epochs. The cosine compares the teacher's raw (unstandardised)
-features, as in the paper: standardising each channel first was measured worse (magnetic_tile image
-AUROC 0.58 against 0.74), because it lifts channels that carry mostly noise to the weight of the
-informative ones and the student cannot predict noise.
+features, as in the paper: standardising each channel first was measured worse (with the earlier
+stride-4/8/16 teacher, magnetic_tile image AUROC 0.58 against 0.74), because it lifts channels that
+carry mostly noise to the weight of the informative ones and the student cannot predict noise.
 """
 
 from __future__ import annotations
