@@ -158,9 +158,13 @@ class SimpleNetModel:
         (grid,) = maps
         self.mean, self.std = channel_statistics(grid[fit])
         self.network = SimpleNetNetwork(grid.shape[1], args.hidden)
+        if args.fixed_adaptor:  # identity, never trained: the adaptor cannot shrink features under the noise
+            with torch.no_grad():
+                self.network.adaptor.weight.copy_(torch.eye(grid.shape[1])[:, :, None, None])
+                self.network.adaptor.bias.zero_()
         self.optimizer = torch.optim.Adam(
             [
-                {"params": self.network.adaptor.parameters(), "lr": args.lr},
+                {"params": self.network.adaptor.parameters(), "lr": 0.0 if args.fixed_adaptor else args.lr},
                 {"params": self.network.discriminator.parameters(), "lr": 2 * args.lr},
             ],
             weight_decay=1e-5,
@@ -263,6 +267,9 @@ def main() -> None:
     trained.add_argument("--noise", type=float, default=0.3, help="SimpleNet's noise_std")
     trained.add_argument(
         "--noise-range", type=float, nargs=2, default=None, help="SimpleNet: per-patch std, log-uniform"
+    )
+    trained.add_argument(
+        "--fixed-adaptor", action="store_true", help="SimpleNet: identity adaptor, not trained"
     )
     trained.add_argument("--hidden", type=int, default=256, help="SimpleNet's hidden_channels")
     trained.add_argument("--positions", type=int, default=256, help="SimpleNet's train_positions")
