@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from recording import SHARED, record, spaced
+from recording import SHARED, cell, record, spaced
 
 
 def synchronised(device, run) -> float:
@@ -98,10 +98,6 @@ def bench_one(dataset_dir: Path, detector_name: str, args) -> dict:
     return row
 
 
-def fmt(value, spec: str = ".1f") -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
 def table(rows: list[dict]) -> str:
     head = (
         "| dataset | detector | device | backbone fp32 img/s | backbone fp16 autocast img/s | model from arrays "
@@ -115,14 +111,14 @@ def table(rows: list[dict]) -> str:
             r["dataset"],
             r["detector"],
             r["device"],
-            fmt(r["backbone_fp32"]),
-            fmt(r["backbone_fp16"]),
-            fmt(r["tensors"]),
-            fmt(r["files"]),
+            cell(r["backbone_fp32"], ".1f"),
+            cell(r["backbone_fp16"], ".1f"),
+            cell(r["tensors"], ".1f"),
+            cell(r["files"], ".1f"),
             f"{r['files'] / fastest:.2f}",
             f"{r['max_scaled_score_diff']:.1e}",
             f"{r['verdicts_equal']}/{r['n_test']}",
-            f"{fmt(r.get('auroc_device'), '.4f')} / {fmt(r.get('auroc_cpu'), '.4f')}",
+            f"{cell(r.get('auroc_device'), '.4f')} / {cell(r.get('auroc_cpu'), '.4f')}",
             f"{r['fit_s']:.1f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from recording import SHARED, dataset_names, record, spaced
+from recording import SHARED, cell, dataset_names, record, spaced
 
 
 def summary(evaluation, reference=None, threshold: float = 1.0) -> dict:
@@ -99,10 +99,6 @@ def bench_one(dataset_dir: Path, detector_name: str, int8_normals: int) -> list[
     return rows
 
 
-def fmt(value, spec: str = ".4f") -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
 def table(rows: list[dict]) -> str:
     head = (
         "| dataset | detector | runtime | image AUROC | pixel AUROC | AUPRO | realised FPR (target 1%) | "
@@ -120,15 +116,15 @@ def table(rows: list[dict]) -> str:
             r["dataset"],
             r["detector"],
             r["runtime"],
-            fmt(r["image_auroc"]),
-            fmt(r["pixel_auroc"]),
-            fmt(r["aupro"]),
-            fmt(r["fpr"], ".2%"),
-            f"{fmt(r.get('max_rel_score_diff'), '.1e')} / {fmt(r.get('max_scaled_score_diff'), '.1e')}"
+            cell(r["image_auroc"], ".4f"),
+            cell(r["pixel_auroc"], ".4f"),
+            cell(r["aupro"], ".4f"),
+            cell(r["fpr"], ".2%"),
+            f"{cell(r.get('max_rel_score_diff'), '.1e')} / {cell(r.get('max_scaled_score_diff'), '.1e')}"
             if "max_rel_score_diff" in r
             else "-",
             f"{r['verdicts_equal']}/{r['n_test']}" if "verdicts_equal" in r else "-",
-            fmt(r.get("max_heatmap_diff"), ".1e"),
+            cell(r.get("max_heatmap_diff"), ".1e"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -37,8 +37,14 @@ from sklearn.metrics import roc_auc_score
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from recording import SHARED, dataset_names  # noqa: E402
 
-from imaging_ad.detectors.layers import channel_statistics, resize_to, top_mean  # noqa: E402
-from imaging_ad.detectors.trained import POSITION_SHRINKAGE  # noqa: E402
+from imaging_ad.detectors.layers import channel_statistics, top_mean  # noqa: E402
+from imaging_ad.detectors.reverse_distillation import (  # noqa: E402
+    ReverseDistillationNetwork,
+    cosine_distances,
+    local_average,
+    summed_on_finest,
+)
+from imaging_ad.detectors.trained import position_statistics  # noqa: E402
 
 STRIDES = (4, 8, 16, 32)
 GRID = 64  # pixel AUROC approximation: masks and maps on this grid
@@ -93,12 +99,8 @@ def train(args: argparse.Namespace) -> None:
     model.network.eval()
     labels = cached["test_labels"].numpy()
     test = model.maps(test_maps, torch.arange(len(labels)))
-    normal = model.maps(train_maps, held).double()
-    spread = normal.var(0, unbiased=False)
-    variance = (len(normal) * spread + POSITION_SHRINKAGE * spread.mean()) / (
-        len(normal) + POSITION_SHRINKAGE
-    )
-    standardised = (test - normal.mean(0).float()) / variance.sqrt().clamp_min(1e-6).float()
+    position_mean, position_std = position_statistics(model.maps(train_maps, held))
+    standardised = (test - position_mean) / position_std
     row = {
         "dataset": args.dataset,
         "tag": args.tag,
@@ -125,14 +127,11 @@ class ReverseDistillationModel:
     """The detector's network, loss (1 - cosine per scale) and summed map, on cached teacher maps."""
 
     def __init__(self, maps: list[torch.Tensor], fit: torch.Tensor, args: argparse.Namespace) -> None:
-        from imaging_ad.detectors.reverse_distillation import ReverseDistillationNetwork
-
         self.network = ReverseDistillationNetwork([m.shape[1] for m in maps], args.strides, args.width)
         self.optimizer = torch.optim.Adam(self.network.parameters(), lr=args.lr, weight_decay=1e-5)
 
     def _distances(self, teacher: list[torch.Tensor]) -> list[torch.Tensor]:
-        student = self.network(teacher)
-        return [1 - F.cosine_similarity(t, s, dim=1) for t, s in zip(teacher, student, strict=True)]
+        return cosine_distances(teacher, self.network(teacher))
 
     def step(self, teacher: list[torch.Tensor]) -> None:
         self.optimizer.zero_grad()
@@ -140,13 +139,10 @@ class ReverseDistillationModel:
         self.optimizer.step()
 
     def maps(self, data: list[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
-        out = []
         with torch.no_grad():
-            for chunk in rows.split(32):
-                distances = self._distances([m[chunk].float() for m in data])
-                grid = distances[0].shape[-2:]
-                out.append(sum(resize_to(d[:, None], grid)[:, 0] for d in distances))
-        return torch.cat(out)
+            return torch.cat(
+                [summed_on_finest(self._distances([m[c].float() for m in data])) for c in rows.split(32)]
+            )
 
 
 class SimpleNetModel:
@@ -197,9 +193,8 @@ class SimpleNetModel:
 
 
 def _averaged(maps: list[torch.Tensor], k: int) -> list[torch.Tensor]:
-    if k == 1:
-        return maps
-    return [F.avg_pool2d(m.float(), k, 1, k // 2, count_include_pad=False).half() for m in maps]
+    """Reverse distillation's input: each stage averaged as the detector averages it."""
+    return [m.half() for m in local_average([m.float() for m in maps], k)]
 
 
 def _patch_grid(maps: list[torch.Tensor], k: int) -> list[torch.Tensor]:

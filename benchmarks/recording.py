@@ -1,5 +1,5 @@
-"""What the benchmark scripts share: the shared datasets they run on, an even sample of a split, and
-appending a table to benchmarks/RESULTS.md with the date and the command that made it."""
+"""What the benchmark scripts share: the shared datasets they run on, an even sample of a split, table
+cells, and appending a table to benchmarks/RESULTS.md with the date and the command that made it."""
 
 from __future__ import annotations
 
@@ -19,6 +19,11 @@ def spaced(items: list, n: int) -> list:
     if len(items) <= n:
         return list(items)
     return [items[i] for i in np.linspace(0, len(items) - 1, n).round().astype(int)]
+
+
+def cell(value, spec: str) -> str:
+    """A table cell: ``value`` formatted by ``spec``, or ``n/a`` when it was not measured."""
+    return "n/a" if value is None else format(value, spec)
 
 
 def dataset_names(names: list[str] | None) -> list[str]:

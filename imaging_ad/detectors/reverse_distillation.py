@@ -39,6 +39,26 @@ from imaging_ad.detectors.registry import register_detector
 from imaging_ad.detectors.trained import MapScoredDetector, stage_channels
 
 
+def local_average(maps: list[torch.Tensor], neighbourhood: int) -> list[torch.Tensor]:
+    """Each map averaged over ``neighbourhood`` x ``neighbourhood`` cells (borders average only the cells
+    inside, as PatchCore's aggregation; 1: unchanged)."""
+    k = neighbourhood
+    if k == 1:
+        return maps
+    return [F.avg_pool2d(m, k, stride=1, padding=k // 2, count_include_pad=False) for m in maps]
+
+
+def cosine_distances(teacher: list[torch.Tensor], student: list[torch.Tensor]) -> list[torch.Tensor]:
+    """1 - cosine(teacher, student) per position, one (B, h, w) map per scale."""
+    return [1 - F.cosine_similarity(t, s, dim=1) for t, s in zip(teacher, student, strict=True)]
+
+
+def summed_on_finest(distances: list[torch.Tensor]) -> torch.Tensor:
+    """Per-scale maps, finest first -> their sum on the finest grid (B, h, w): the raw heatmap."""
+    grid = distances[0].shape[-2:]
+    return sum(resize_to(d[:, None], grid)[:, 0] for d in distances)
+
+
 class OneClassBottleneck(nn.Module):
     """Teacher maps at several strides -> one embedding at twice the coarsest stride.
 
@@ -182,12 +202,7 @@ class ReverseDistillation(MapScoredDetector):
     # the cache holds every scale of an image flattened into one row; _teacher_maps splits it again
     def _training_inputs(self, features: list[torch.Tensor]) -> torch.Tensor:
         self._grids = [tuple(int(n) for n in f.shape[-2:]) for f in features]
-        k = self.neighbourhood
-        if k > 1:  # borders average only the cells inside, as PatchCore's aggregation
-            features = [
-                F.avg_pool2d(f, k, stride=1, padding=k // 2, count_include_pad=False) for f in features
-            ]
-        return torch.cat([f.flatten(1) for f in features], 1)
+        return torch.cat([f.flatten(1) for f in local_average(features, self.neighbourhood)], 1)
 
     def _teacher_maps(self, rows: torch.Tensor) -> list[torch.Tensor]:
         sizes = [c * h * w for c, (h, w) in zip(stage_channels(self), self._grids, strict=True)]
@@ -198,13 +213,10 @@ class ReverseDistillation(MapScoredDetector):
 
     def _distances(self, teacher: list[torch.Tensor]) -> list[torch.Tensor]:
         """Teacher maps -> 1 - cosine(teacher, student) per position, one map per scale."""
-        student = self.network_(teacher)
-        return [1 - F.cosine_similarity(t, s, dim=1) for t, s in zip(teacher, student, strict=True)]
+        return cosine_distances(teacher, self.network_(teacher))
 
     def _loss(self, batch: torch.Tensor) -> torch.Tensor:
         return sum(d.mean() for d in self._distances(self._teacher_maps(batch)))
 
     def _input_maps(self, inputs: torch.Tensor) -> torch.Tensor:
-        distances = self._distances([m.float() for m in self._teacher_maps(inputs)])
-        grid = distances[0].shape[-2:]
-        return sum(resize_to(d[:, None], grid)[:, 0] for d in distances)
+        return summed_on_finest(self._distances([m.float() for m in self._teacher_maps(inputs)]))

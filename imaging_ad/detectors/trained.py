@@ -234,6 +234,16 @@ POSITION_SHRINKAGE = 10
 MIN_IMAGES_FOR_POSITION_STATISTICS = 2
 
 
+def position_statistics(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Held-out normals' maps (N, h, w) -> each position's mean and spread (h, w), float32; the variance
+    is shrunk towards the map-wide one with a pseudo-count of :data:`POSITION_SHRINKAGE` images."""
+    maps = maps.double()
+    n = len(maps)
+    spread = maps.var(0, unbiased=False)
+    variance = (n * spread + POSITION_SHRINKAGE * spread.mean()) / (n + POSITION_SHRINKAGE)
+    return maps.mean(0).float(), variance.sqrt().clamp_min(1e-6).float()
+
+
 class MapScoredDetector(TrainedDetector):
     """A trained detector whose network makes a per-position anomaly map; the image score is the mean of
     the map's highest ``top_fraction`` of positions.
@@ -281,14 +291,8 @@ class MapScoredDetector(TrainedDetector):
                 stacklevel=2,
             )
             return
-        maps = torch.cat(
-            [self._input_maps(chunk.to(self.device_)) for chunk in validation_inputs.split(32)]
-        ).double()
-        n = len(maps)
-        spread = maps.var(0, unbiased=False)
-        variance = (n * spread + POSITION_SHRINKAGE * spread.mean()) / (n + POSITION_SHRINKAGE)
-        self.position_mean_ = maps.mean(0).float()
-        self.position_std_ = variance.sqrt().clamp_min(1e-6).float()
+        maps = torch.cat([self._input_maps(chunk.to(self.device_)) for chunk in validation_inputs.split(32)])
+        self.position_mean_, self.position_std_ = position_statistics(maps)
 
     def _anomaly_maps(self, features: list[torch.Tensor]) -> torch.Tensor:
         """Features -> the heatmap (B, h, w)."""
