@@ -1,5 +1,6 @@
 """Exploration: which teacher stages, averaging, width and training length suit reverse distillation
-(and SimpleNet) over the shared datasets, without refitting the backbone for every variant.
+(and SimpleNet, and feature_draem's head) over the shared datasets, without refitting the backbone for
+every variant.
 
 ``cache`` runs the detector's own extraction (reading, preprocessing, EfficientNet-Lite0 at 256 px)
 once per dataset and keeps the stride-4/8/16/32 maps of the training and test images; ``train`` then
@@ -8,13 +9,15 @@ chosen subset of the cached maps for a fixed number of epochs (seed 0, no early 
 training images held out as the detector holds them) and prints one JSON line: image AUROC from the
 top-1% mean of the map, raw and standardised per position on the held-out normals (the detectors'
 ``position_statistics``), and where masks exist a pixel AUROC on the 64 x 64 grid (an approximation
-for ranking variants, not the benchmark's metric). ``table`` prints each tag's rows over the datasets
-with the mean. The defaults reached this way are then measured for real by ``bench_trained.py``.
+for ranking variants, not the benchmark's metric). For ``feature_draem`` the row also gives the same
+figures from its student's summed cosine distances (``dist_``) and from both standardised maps added
+(``sum_``). ``table`` prints each tag's rows over the datasets with the mean. The defaults reached this way are then measured for real by ``bench_trained.py``.
 
     python benchmarks/explore_trained.py cache magnetic_tile
     python benchmarks/explore_trained.py train magnetic_tile --strides 16 32 --neighbourhood 3 \
         --width 64 --epochs 100 --tag w64
     python benchmarks/explore_trained.py train magnetic_tile --model simplenet --strides 8 16 --noise 0.3
+    python benchmarks/explore_trained.py train busi --model feature_draem --epochs 100 --tag fd
     python benchmarks/explore_trained.py table w64
 """
 
@@ -76,16 +79,19 @@ def train(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     cached = torch.load(args.cache_dir / f"{args.dataset}.pt")
     chosen = [STRIDES.index(s) for s in args.strides]
-    inputs = _averaged if args.model == "reverse_distillation" else _patch_grid
+    inputs = _patch_grid if args.model == "simplenet" else _averaged
     train_maps = inputs([cached["train"][i] for i in chosen], args.neighbourhood)
     test_maps = inputs([cached["test"][i] for i in chosen], args.neighbourhood)
     n = len(train_maps[0])
     order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed + 1))
     n_held = max(1, math.ceil(n * 0.1))
     held, fit = order[:n_held], order[n_held:]
-    model = (ReverseDistillationModel if args.model == "reverse_distillation" else SimpleNetModel)(
-        train_maps, fit, args
-    )
+    models = {
+        "reverse_distillation": ReverseDistillationModel,
+        "simplenet": SimpleNetModel,
+        "feature_draem": FeatureDraemModel,
+    }
+    model = models[args.model](train_maps, fit, args)
     start = time.perf_counter()
     shuffle = torch.Generator().manual_seed(args.seed)
     for _ in range(args.epochs):
@@ -98,9 +104,6 @@ def train(args: argparse.Namespace) -> None:
     seconds = time.perf_counter() - start
     model.network.eval()
     labels = cached["test_labels"].numpy()
-    test = model.maps(test_maps, torch.arange(len(labels)))
-    position_mean, position_std = position_statistics(model.maps(train_maps, held))
-    standardised = (test - position_mean) / position_std
     row = {
         "dataset": args.dataset,
         "tag": args.tag,
@@ -108,16 +111,33 @@ def train(args: argparse.Namespace) -> None:
         "strides": args.strides,
         "neighbourhood": args.neighbourhood,
         "width": args.width,
+        **({"head": "monotone, distances only"} if args.model == "feature_draem" else {}),
         "epochs": args.epochs,
         "s_per_epoch": round(seconds / args.epochs, 1),
-        "image_raw": round(roc_auc_score(labels, top_mean(test, 0.01).numpy()), 4),
-        "image_positions": round(roc_auc_score(labels, top_mean(standardised, 0.01).numpy()), 4),
     }
-    if any(cached["test_masks"]):
-        truth = np.stack([_mask(path) for path in cached["test_masks"]]).ravel()
-        for key, maps in (("pix_raw", test), ("pix_positions", standardised)):
-            grid = F.interpolate(maps[:, None], size=(GRID, GRID), mode="bilinear", align_corners=False)
-            row[key] = round(roc_auc_score(truth, _blur(grid)[:, 0].numpy().ravel()), 4)
+    # feature_draem: the segmentation head's map, and (prefixed dist_) its student's cosine distances
+    scores = ("segmentation", "distance", "sum") if args.model == "feature_draem" else ("",)
+    kept: dict = {}
+    for score in scores:
+        args.score = score
+        prefix = {"distance": "dist_", "sum": "sum_"}.get(score, "")
+        if score == "sum":  # the two standardised maps added (raw: their plain sum)
+            test = kept["segmentation"][0] + kept["distance"][0]
+            standardised = kept["segmentation"][1] + kept["distance"][1]
+        else:
+            test = model.maps(test_maps, torch.arange(len(labels)))
+            position_mean, position_std = position_statistics(model.maps(train_maps, held))
+            standardised = (test - position_mean) / position_std
+            kept[score] = (test, standardised)
+        row[prefix + "image_raw"] = round(roc_auc_score(labels, top_mean(test, 0.01).numpy()), 4)
+        row[prefix + "image_positions"] = round(
+            roc_auc_score(labels, top_mean(standardised, 0.01).numpy()), 4
+        )
+        if any(cached["test_masks"]):
+            truth = np.stack([_mask(path) for path in cached["test_masks"]]).ravel()
+            for key, maps in (("pix_raw", test), ("pix_positions", standardised)):
+                grid = F.interpolate(maps[:, None], size=(GRID, GRID), mode="bilinear", align_corners=False)
+                row[prefix + key] = round(roc_auc_score(truth, _blur(grid)[:, 0].numpy().ravel()), 4)
     print(json.dumps(row))
     with (args.cache_dir / "results.jsonl").open("a") as handle:
         handle.write(json.dumps(row) + "\n")
@@ -143,6 +163,47 @@ class ReverseDistillationModel:
             return torch.cat(
                 [summed_on_finest(self._distances([m[c].float() for m in data])) for c in rows.split(32)]
             )
+
+
+class FeatureDraemModel:
+    """The detector's network and loss (blobs of another image's features pasted in, the student trained
+    to give back the clean maps, the head to segment the blobs) on cached teacher maps."""
+
+    def __init__(self, maps: list[torch.Tensor], fit: torch.Tensor, args: argparse.Namespace) -> None:
+        from imaging_ad.detectors.feature_draem import FeatureDraemNetwork, expected_blob_share
+
+        self.synthetic = {
+            "anomaly_probability": args.anomaly_probability,
+            "coverage": tuple(args.coverage),
+            "segmentation_weight": args.seg_weight,
+        }
+        prior = expected_blob_share(args.anomaly_probability, tuple(args.coverage))
+        self.network = FeatureDraemNetwork(
+            [m.shape[1] for m in maps], args.strides, args.width, args.head_width, prior
+        )
+        self.optimizer = torch.optim.Adam(self.network.parameters(), lr=args.lr, weight_decay=1e-5)
+        self.generator = torch.Generator().manual_seed(args.seed)
+        self.args = args
+
+    def step(self, teacher: list[torch.Tensor]) -> None:
+        from imaging_ad.detectors.feature_draem import draem_loss
+
+        loss = draem_loss(self.network, teacher, generator=self.generator, **self.synthetic)
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+
+    def maps(self, data: list[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+        out = []
+        with torch.no_grad():
+            for c in rows.split(32):
+                teacher = [m[c].float() for m in data]
+                student = self.network.reconstruction(teacher)
+                if self.args.score == "segmentation":
+                    out.append(self.network.segmentation(teacher, student))
+                else:
+                    out.append(summed_on_finest(cosine_distances(teacher, student)))
+        return torch.cat(out)
 
 
 class SimpleNetModel:
@@ -228,7 +289,8 @@ def table(args: argparse.Namespace) -> None:
     print("|---" * (len(datasets) + 3) + "|")
     for tag in args.tags or sorted({r["tag"] for r in rows}):
         by = {r["dataset"]: r for r in rows if r["tag"] == tag}
-        for key in ("image_raw", "image_positions", "pix_raw", "pix_positions"):
+        plain = ("image_raw", "image_positions", "pix_raw", "pix_positions")
+        for key in [prefix + k for prefix in ("", "dist_", "sum_") for k in plain]:
             values = [by.get(d, {}).get(key) for d in datasets]
             known = [v for v in values if v is not None]
             if known:
@@ -247,8 +309,15 @@ def main() -> None:
     trained = commands.add_parser("train", help="train one variant on a cached dataset, print a JSON line")
     trained.add_argument("dataset")
     trained.add_argument(
-        "--model", choices=("reverse_distillation", "simplenet"), default="reverse_distillation"
+        "--model",
+        choices=("reverse_distillation", "simplenet", "feature_draem"),
+        default="reverse_distillation",
     )
+    trained.add_argument("--head-width", type=int, default=64, help="feature_draem's head width")
+    trained.add_argument("--anomaly-probability", type=float, default=0.5, help="feature_draem")
+    trained.add_argument("--coverage", type=float, nargs=2, default=[0.02, 0.25], help="feature_draem")
+    trained.add_argument("--seg-weight", type=float, default=1.0, help="feature_draem")
+
     trained.add_argument("--strides", type=int, nargs="+", default=[16, 32])
     trained.add_argument("--neighbourhood", type=int, default=3)
     trained.add_argument("--width", type=int, default=64, help="reverse distillation's decoder width")
@@ -274,7 +343,7 @@ def main() -> None:
     tabled.add_argument("tags", nargs="*")
     args = parser.parse_args()
     if args.command == "train":
-        rd = args.model == "reverse_distillation"
+        rd = args.model != "simplenet"
         args.lr = args.lr if args.lr is not None else (2e-3 if rd else 2e-4)
         args.batch = args.batch if args.batch is not None else (8 if rd else 32)
     {"cache": cache, "train": train, "table": table}[args.command](args)

@@ -34,6 +34,12 @@ def test_bad_values_are_refused_with_what_is_allowed(params, message):
         create_detector("patchcore", **params)
 
 
+def test_a_fixed_length_list_of_another_length_is_refused_by_name():
+    # (it used to crash inside the type check with a TypeError)
+    with pytest.raises(ParameterError, match=r"coverage must be a list of 2 values, got \(0.1,\)"):
+        create_detector("feature_draem", coverage=(0.1,))
+
+
 def test_fit_checks_before_reading_any_image():
     detector = create_detector("padim")
     detector.n_features = -3  # set after construction: fit still refuses it first

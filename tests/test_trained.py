@@ -82,7 +82,9 @@ def test_early_stopping_keeps_the_best_epoch():
     assert not torch.equal(network.weight, seen[-1])
 
 
-@pytest.mark.parametrize("name", ["feature_ae", "image_ae", "reverse_distillation", "simplenet"])
+@pytest.mark.parametrize(
+    "name", ["feature_ae", "image_ae", "reverse_distillation", "simplenet", "feature_draem"]
+)
 def test_training_is_reproducible_with_a_seed(name):
     rng = np.random.default_rng(1)
     normals = [texture(rng, 64, 64) for _ in range(14)]
@@ -121,7 +123,7 @@ def test_ganomaly_default_score_is_the_latent_distance():
         create_detector("ganomaly", score="pixels")
 
 
-@pytest.mark.parametrize("member", ["feature_ae", "reverse_distillation", "simplenet"])
+@pytest.mark.parametrize("member", ["feature_ae", "reverse_distillation", "simplenet", "feature_draem"])
 def test_ensemble_trains_feature_model_members_and_refuses_pixel_models(member):
     rng = np.random.default_rng(4)
     normals = [texture(rng) for _ in range(24)]
@@ -149,13 +151,13 @@ def test_image_autoencoder_with_a_pretrained_encoder_fits_saves_and_loads(tmp_pa
     assert [r.score for r in loaded.predict(normals[:2])] == [r.score for r in detector.predict(normals[:2])]
 
 
-@pytest.mark.parametrize("name", ["reverse_distillation", "simplenet"])
+@pytest.mark.parametrize("name", ["reverse_distillation", "simplenet", "feature_draem"])
 def test_feature_trained_detectors_find_and_locate_pasted_defects(name, tmp_path):
     rng = np.random.default_rng(6)
     normals = [texture(rng) for _ in range(24)]
     clean = [texture(rng) for _ in range(5)]
     defects = [paste_defect(texture(rng), rng) for _ in range(5)]
-    detector = create_detector(name, image_size=128, epochs=15, progress=False).fit(normals)
+    detector = create_detector(name, image_size=256, epochs=15, progress=False).fit(normals)
     results = detector.predict(clean + [image for image, _ in defects])
     scores = [r.score for r in results]
     assert min(scores[5:]) > max(scores[:5]), scores
@@ -259,3 +261,67 @@ def test_reverse_distillation_file_from_before_teacher_strides_loads_as_it_was_f
     loaded = load_detector(path, device="cpu")
     assert loaded.feature_strides == (4, 8, 16) and loaded.neighbourhood == 1
     assert [r.score for r in loaded.predict(normals[:2])] == [r.score for r in old.predict(normals[:2])]
+
+
+def test_feature_draem_blobs_cover_the_asked_share_and_leave_some_images_clean():
+    from imaging_ad.detectors.feature_draem import blob_masks
+
+    generator = torch.Generator().manual_seed(0)
+    masks = blob_masks(200, (16, 16), anomaly_probability=0.5, coverage=(0.05, 0.2), generator=generator)
+    assert set(masks.unique().tolist()) <= {0.0, 1.0}
+    shares = masks.flatten(1).mean(1)
+    with_blob = shares[shares > 0]
+    assert 70 < len(with_blob) < 130  # about half the images get an anomaly
+    assert with_blob.min() >= 0.05 - 1 / 256 and with_blob.max() <= 0.2 + 1 / 256
+    again = blob_masks(
+        200,
+        (16, 16),
+        anomaly_probability=0.5,
+        coverage=(0.05, 0.2),
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert torch.equal(masks, again)  # seeded: the same anomalies
+
+
+def test_feature_draem_pastes_other_images_features_only_inside_the_blob():
+    from imaging_ad.detectors.feature_draem import paste_foreign_features
+
+    fine, coarse = torch.randn(4, 3, 8, 8), torch.randn(4, 5, 4, 4)
+    masks = torch.zeros(4, 1, 8, 8)
+    masks[0, 0, 2:4, 2:4] = 1  # only the first image gets a blob, on whole cells of the coarse grid
+    corrupted = paste_foreign_features([fine, coarse], masks, torch.Generator().manual_seed(1))
+    changed = (corrupted[0] != fine).any(1)
+    assert changed[0].nonzero().tolist() == [[2, 2], [2, 3], [3, 2], [3, 3]]
+    assert not changed[1:].any() and torch.equal(corrupted[1][1:], coarse[1:])
+    assert (corrupted[1][0] != coarse[0]).any(0).nonzero().tolist() == [[1, 1]]
+
+
+def test_feature_draem_head_never_reads_a_larger_reconstruction_failure_as_more_normal():
+    """Whatever weights training reaches, a position reconstructed worse scores higher, and only that
+    position moves (the head reads each position on its own)."""
+    from imaging_ad.detectors.feature_draem import SegmentationHead
+
+    teacher = [torch.randn(1, 4, 8, 8), torch.randn(1, 6, 4, 4)]
+    student = [t + 0.1 * torch.randn_like(t) for t in teacher]
+    worse = [student[0].clone(), student[1]]
+    worse[0][..., 3, 3] = -teacher[0][..., 3, 3]  # one position reconstructed as its opposite
+    for seed in range(20):
+        torch.manual_seed(seed)
+        head = SegmentationHead(2, 8)
+        for parameter in head.parameters():
+            parameter.data.add_(2 * torch.randn_like(parameter))  # any weights training could reach
+        head.layers[0].running_mean.copy_(torch.rand(2))
+        head.layers[0].running_var.copy_(0.01 + torch.rand(2))
+        head.eval()  # as it scores: distances standardised by the statistics training left
+        with torch.no_grad():
+            before, after = head(teacher, student)[0], head(teacher, worse)[0]
+        assert after[3, 3] > before[3, 3], seed
+        assert (after != before).sum() == 1, seed
+
+
+def test_feature_draem_refuses_a_coverage_that_is_not_two_shares():
+    from imaging_ad.detectors.params import ParameterError
+
+    for coverage in [(0.3, 0.1), (0.0, 0.2), (0.1, 1.0), (0.1,)]:
+        with pytest.raises(ParameterError, match="coverage"):
+            create_detector("feature_draem", coverage=coverage, progress=False).validate_params()

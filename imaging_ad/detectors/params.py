@@ -113,22 +113,24 @@ def _matches(value: Any, annotation: Any) -> bool:
     if annotation is int:
         return isinstance(value, int) and not isinstance(value, bool)
     if origin in (tuple, list, Sequence) or annotation in (tuple, list):
-        return isinstance(value, (tuple, list)) and all(
-            _matches(v, a) for v, a in zip(value, _item_types(annotation, len(value)), strict=True)
-        )
+        if not isinstance(value, (tuple, list)):
+            return False
+        items = _item_types(annotation, len(value))
+        return items is not None and all(_matches(v, a) for v, a in zip(value, items, strict=True))
     if origin is dict or annotation is dict:
         return isinstance(value, dict)
     return isinstance(value, origin or annotation)
 
 
-def _item_types(annotation: Any, n: int) -> list[Any]:
+def _item_types(annotation: Any, n: int) -> list[Any] | None:
+    """The annotation of each of ``n`` items, or None when a fixed-length tuple wants another length."""
     args = typing.get_args(annotation)
     if not args:
         return [Any] * n
     if len(args) == 2 and args[1] is Ellipsis:
         return [args[0]] * n
     if typing.get_origin(annotation) is tuple:
-        return list(args) if len(args) == n else [object()] * n  # wrong length: no match
+        return list(args) if len(args) == n else None
     return [args[0]] * n
 
 
@@ -139,6 +141,9 @@ def _describe(annotation: Any) -> str:
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_describe(a) for a in typing.get_args(annotation))
+    args = typing.get_args(annotation)
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        return f"a list of {len(args)} values"
     if origin in (tuple, list, Sequence) or annotation in (tuple, list):
         return "a list"
     if origin is dict or annotation is dict:
