@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -129,7 +130,7 @@ def run(args: argparse.Namespace) -> None:
     table = _table(_rows(out), columns, args.datasets)
     print(table)
     if args.record:
-        command = "python benchmarks/bench_trained.py " + " ".join(sys.argv[2:])
+        command = "python benchmarks/bench_trained.py " + shlex.join(sys.argv[1:])
         with RESULTS.open("a") as f:
             f.write(
                 f"\n## Trained detectors beside PatchCore, every shared dataset ({args.label})\n\n"
