@@ -317,7 +317,6 @@ def main() -> None:
     trained.add_argument("--anomaly-probability", type=float, default=0.5, help="feature_draem")
     trained.add_argument("--coverage", type=float, nargs=2, default=[0.02, 0.25], help="feature_draem")
     trained.add_argument("--seg-weight", type=float, default=1.0, help="feature_draem")
-
     trained.add_argument("--strides", type=int, nargs="+", default=[16, 32])
     trained.add_argument("--neighbourhood", type=int, default=3)
     trained.add_argument("--width", type=int, default=64, help="reverse distillation's decoder width")
