@@ -55,6 +55,7 @@ def blob_masks(
     The noise is drawn on a coarse grid (2 to 8 cells a side, at random) and upsampled bicubically:
     Perlin-like blobs whose size and number vary from mask to mask."""
     h, w = grid
+    low, high = coverage
     masks = torch.zeros(count, 1, h, w)
     for i in range(count):
         if float(torch.rand((), generator=generator)) >= anomaly_probability:
@@ -62,7 +63,6 @@ def blob_masks(
         cells = int(torch.randint(2, 9, (), generator=generator))
         noise = torch.randn(1, 1, cells, cells, generator=generator)
         smooth = F.interpolate(noise, size=(h, w), mode="bicubic", align_corners=False).flatten()
-        low, high = coverage
         share = low + (high - low) * float(torch.rand((), generator=generator))
         inside = max(1, round(share * h * w))
         threshold = smooth.topk(inside).values[-1]
@@ -76,16 +76,13 @@ def paste_foreign_features(
     """Teacher maps (finest first) with the masked positions replaced, at a random opacity in [0.5, 1],
     by another image's features at a shifted position (the batch rolled by one, the grid rolled by a
     random offset that lands on whole cells of every scale)."""
-    b = len(maps[0])
-    finest = maps[0].shape[-2:]
-    opacity = 0.5 + 0.5 * torch.rand(b, 1, 1, 1, generator=generator)
-    steps = [round(finest[0] / m.shape[-2]) for m in maps]  # cells of the finest grid per cell of each
+    opacity = 0.5 + 0.5 * torch.rand(len(maps[0]), 1, 1, 1, generator=generator)
     coarsest_h, coarsest_w = maps[-1].shape[-2:]
     dy = int(torch.randint(0, max(1, coarsest_h), (), generator=generator))
     dx = int(torch.randint(0, max(1, coarsest_w), (), generator=generator))
     corrupted = []
-    for m, step in zip(maps, steps, strict=True):
-        scale = steps[-1] // step
+    for m in maps:
+        scale = round(m.shape[-2] / coarsest_h)  # cells of this grid per cell of the coarsest
         source = torch.roll(m.roll(1, dims=0), shifts=(dy * scale, dx * scale), dims=(2, 3))
         blend = opacity.to(m) * resize_to(masks.to(m), tuple(m.shape[-2:]))
         corrupted.append((1 - blend) * m + blend * source)
@@ -159,7 +156,7 @@ class FeatureDraemNetwork(nn.Module):
     """Reverse distillation's network as DRAEM's reconstructive part, plus the discriminative head."""
 
     def __init__(
-        self, channels: list[int], strides: list[int], width: int, head_width: int, prior: float = 0.05
+        self, channels: list[int], strides: list[int], width: int, head_width: int, prior: float
     ) -> None:
         super().__init__()
         self.reconstruction = ReverseDistillationNetwork(channels, strides, width)
